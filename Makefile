@@ -1,0 +1,26 @@
+# Every target sets up what it needs: a fresh clone only needs python3 (>= 3.10).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job on an embedded default: a demo pool generated locally, DirectRunner.
+demo: install
+	$(PY) -m pipelines.select_batch --demo --output_dir demo_output/selection --overwrite
+
+# The test suite (what CI runs).
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,123 @@
+"""Output directories and manifests: the contract every cm-beam stage follows.
+
+An output directory holds Parquet shards and a `manifest.json` written last. The
+manifest is the commit marker: a directory without one is incomplete (a failed or
+running job) and no stage or user should trust its shards. So:
+
+* a stage refuses a non-empty output directory unless `--overwrite`;
+* with `--overwrite` the old manifest is deleted *first*, then the old files, so a
+  crash in the middle never leaves an old manifest beside new shards;
+* the manifest is written to a temporary name and renamed, so it is whole or absent.
+
+All paths go through Beam's FileSystems, so local paths and gs:// work alike.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import sys
+from typing import Any, Dict, List, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from cm_beam.errors import InputError
+
+MANIFEST_NAME = "manifest.json"
+
+
+def join(path: str, *parts: str) -> str:
+    return FileSystems.join(path, *parts)
+
+
+def list_files(directory: str) -> List[str]:
+    """Every file below `directory` (non-recursive for object stores, like `ls`)."""
+    if not FileSystems.exists(directory):
+        return []
+    result = FileSystems.match([FileSystems.join(directory, "*")])[0]
+    return sorted(m.path for m in result.metadata_list)
+
+
+def prepare_output_dir(directory: str, overwrite: bool, flag: str = "--output_dir") -> None:
+    """Makes `directory` ready for a new run, or raises InputError naming `flag`."""
+    existing = list_files(directory)
+    if existing and not overwrite:
+        raise InputError(
+            f"{flag}: {directory} is not empty ({len(existing)} entries, e.g. "
+            f"{existing[0]}); pass --overwrite to replace its contents"
+        )
+    if existing:
+        manifest = join(directory, MANIFEST_NAME)
+        if FileSystems.exists(manifest):
+            FileSystems.delete([manifest])  # first: the directory is now marked incomplete
+        rest = [p for p in existing if p != manifest and FileSystems.exists(p)]
+        if rest:
+            FileSystems.delete(rest)
+    if not FileSystems.exists(directory):
+        FileSystems.mkdirs(directory)
+
+
+def write_json(path: str, payload: Any) -> None:
+    tmp = path + ".tmp"
+    with FileSystems.create(tmp) as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True, default=_json_default).encode("utf-8"))
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+
+
+def read_json(path: str) -> Any:
+    with FileSystems.open(path) as f:
+        return json.loads(f.read().decode("utf-8"))
+
+
+def write_manifest(directory: str, manifest: Dict[str, Any]) -> str:
+    """Writes `manifest.json` atomically; call it only after every shard is final."""
+    path = join(directory, MANIFEST_NAME)
+    manifest = dict(manifest)
+    manifest.setdefault("completed_at", _dt.datetime.now(_dt.timezone.utc).isoformat())
+    manifest.setdefault("versions", versions())
+    write_json(path, manifest)
+    return path
+
+
+def read_manifest(directory: str) -> Optional[Dict[str, Any]]:
+    """The manifest of a complete output directory, or None if there is none."""
+    path = join(directory, MANIFEST_NAME)
+    if not FileSystems.exists(path):
+        return None
+    return read_json(path)
+
+
+def versions() -> Dict[str, str]:
+    import apache_beam
+    import numpy
+    import pyarrow
+
+    import cm_beam
+
+    found = {
+        "cm_beam": cm_beam.__version__,
+        "apache_beam": apache_beam.__version__,
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("scipy", "tensorflow", "keras"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            found[name] = module.__version__
+    return found
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")

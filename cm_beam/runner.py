@@ -1,0 +1,122 @@
+"""Pipeline options and running, shared by every entry point in `pipelines/`.
+
+* `--runner` short names Beam does not know are expanded (`DaskRunner`).
+* With no `--runner`, pipelines run on the FnApiRunner: it is what the DirectRunner
+  falls back to anyway, but without first trying to download the Prism binary (which
+  fails offline) and with `--direct_num_workers` honoured.
+* `run_pipeline` waits for the job and raises if it did not finish DONE, so callers
+  write their manifest only after a successful run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from typing import List, Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
+
+_LOG = logging.getLogger("cm_beam")
+
+RUNNER_ALIASES = {
+    "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
+}
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+def _rewrite_runner(args: Sequence[str]) -> List[str]:
+    out, has_runner = [], False
+    it = iter(args)
+    for arg in it:
+        if arg == "--runner":
+            value = next(it, "")
+            out.append(f"--runner={RUNNER_ALIASES.get(value, value)}")
+            has_runner = True
+        elif arg.startswith("--runner="):
+            value = arg.split("=", 1)[1]
+            out.append(f"--runner={RUNNER_ALIASES.get(value, value)}")
+            has_runner = True
+        else:
+            out.append(arg)
+    if not has_runner:
+        out.append(f"--runner={DEFAULT_RUNNER}")
+    return out
+
+
+def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
+    """PipelineOptions from the flags an entry point did not parse itself."""
+    args = _rewrite_runner(beam_args)
+    options = PipelineOptions(args)
+    runner = options.view_as(StandardOptions).runner or ""
+    if runner.endswith("DaskRunner") and "--dask_client_address" not in " ".join(args):
+        _LOG.warning("DaskRunner without --dask_client_address starts a local dask cluster")
+    return options
+
+
+def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline") -> float:
+    """Runs `pipeline` to completion; returns its wall time in seconds.
+
+    Raises RuntimeError if the job ends in any state but DONE (e.g. a Dataflow job
+    that was cancelled), so that no caller marks a failed run's output complete.
+    """
+    start = time.time()
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state is not None and state != PipelineState.DONE:
+        raise RuntimeError(f"{what} ended in state {state}, not DONE")
+    return time.time() - start
+
+
+# argparse helpers: argparse names the flag in its error, we say what is wrong.
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def str2bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", required=True, help="Directory (local or gs://) for the output shards and manifest.json.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty --output_dir.")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Beam's worker harness is chatty at INFO; keep our own progress readable.
+    for noisy in ("apache_beam", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,44 @@
+"""cm-beam: Cluster-Margin batch active learning on Apache Beam."""
+
+from setuptools import find_packages, setup
+
+TENSORFLOW_CPU = "tensorflow-cpu>=2.16,<2.22"
+
+setup(
+    name="cm-beam",
+    version="0.1.0",
+    description=(
+        "Cluster-Margin batch active learning (Citovsky et al., NeurIPS 2021) "
+        "as Apache Beam pipelines: embed, cluster, select."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cm_beam", "cm_beam.*", "pipelines", "pipelines.*"]),
+    install_requires=[
+        "apache-beam>=2.77,<2.78",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyarrow>=14",
+    ],
+    extras_require={
+        # TensorFlow is only needed by the embedding stage.  Pick one flavour:
+        # `cpu` for laptops and CPU workers, `gpu` for GPU workers (Dataflow).
+        "cpu": [TENSORFLOW_CPU],
+        "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        "test": [
+            TENSORFLOW_CPU,
+            "pytest>=7",
+            "fastcluster>=1.2",
+            "scikit-learn>=1.3",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "cm-select=pipelines.select_batch:main",
+            "cm-cluster=pipelines.build_clusters:main",
+            "cm-embed=pipelines.embed_pool:main",
+            "cm-nightly=pipelines.nightly:main",
+        ]
+    },
+)
