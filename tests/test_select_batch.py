@@ -1,0 +1,235 @@
+"""cm-select end to end against the plain reference Cluster-Margin, plus bad input."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cm_beam import table_io
+from cm_beam.errors import InputError
+from cm_beam.synthetic_pool import make_pool, write_sharded
+from conftest import beam_args
+from pipelines import select_batch
+from reference_cluster_margin import reference_select
+
+
+def write_pool(tmp_path, n=3000, num_clusters=500, seed=0, exclude_fraction=0.1, shards=3):
+    tables = make_pool(n, num_clusters, seed=seed, margin_decimals=2)  # 2 decimals: many exact ties
+    d = tmp_path / "pool"
+    scores = write_sharded(tables["scores"], str(d), "scores", num_shards=shards, row_group_size=700)
+    clusters = write_sharded(tables["clusters"], str(d), "clusters", num_shards=2, row_group_size=900)
+    rng = np.random.default_rng(seed + 100)
+    ids = tables["scores"].column("example_id").to_pylist()
+    excluded = sorted(rng.choice(ids, int(n * exclude_fraction), replace=False).tolist())
+    half = len(excluded) // 2
+    pq.write_table(pa.table({"example_id": excluded[:half]}), str(d / "labeled.parquet"))
+    (d / "queued.csv").write_text("example_id\n" + "\n".join(excluded[half:]) + "\n")
+    return {
+        "scores": scores, "clusters": clusters,
+        "exclude": [str(d / "labeled.parquet"), str(d / "queued.csv")],
+        "score_map": dict(zip(ids, tables["scores"].column("margin").to_pylist())),
+        "cluster_map": dict(zip(tables["clusters"].column("example_id").to_pylist(),
+                                tables["clusters"].column("cluster_id").to_pylist())),
+        "excluded": excluded,
+    }
+
+
+def run_select(pool, out, batch_size, workers=1, extra=()):
+    argv = ["--scores", pool["scores"], "--batch_size", str(batch_size), "--output_dir", str(out)]
+    if pool.get("clusters"):
+        argv += ["--clusters", pool["clusters"]]
+    for e in pool.get("exclude", []):
+        argv += ["--exclude", e]
+    manifest = select_batch.run(argv + list(extra) + beam_args(workers))
+    table = table_io.read_table(os.path.join(str(out), "selection-*.parquet")).sort_by("rank")
+    return manifest, table
+
+
+def as_rows(table):
+    return list(zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist(),
+                    table.column("round").to_pylist()))
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return write_pool(tmp_path_factory.mktemp("select"))
+
+
+@pytest.mark.parametrize("batch_size,factor,seed", [(100, 10, 0), (250, 4, 7), (40, 10, 3)])
+def test_cluster_margin_matches_reference(pool, tmp_path, batch_size, factor, seed):
+    manifest, table = run_select(pool, tmp_path / "out", batch_size,
+                                 extra=["--margin_pool_factor", str(factor), "--seed", str(seed)])
+    expected = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], batch_size,
+                                batch_size * factor, seed=seed)
+    assert as_rows(table) == expected
+    assert table.column("rank").to_pylist() == list(range(batch_size))
+    counts = manifest["counts"]
+    assert counts["selected"] == batch_size
+    assert counts["excluded"] == len(pool["excluded"])
+    assert counts["candidates"] == min(batch_size * factor, counts["eligible"])
+    assert manifest["rounds"] == max(r for _, _, r in expected) + 1
+    hist = manifest["candidate_cluster_size_histogram"]
+    assert sum(s * c for s, c in zip(hist["size"], hist["clusters"])) == counts["candidates"]
+    assert counts["clusters_touched"] == sum(hist["clusters"])
+
+
+def test_candidate_set_is_the_reference_margin_pool(pool, tmp_path):
+    k_m = 700
+    _, table = run_select(pool, tmp_path / "out", k_m, extra=["--margin_pool_size", str(k_m)])
+    expected = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], k_m, k_m)
+    assert sorted(table.column("example_id").to_pylist()) == sorted(e for e, _, _ in expected)
+    assert not set(table.column("example_id").to_pylist()) & set(pool["excluded"])
+
+
+def test_round_robin_shape_and_smallest_clusters_last_pass(pool, tmp_path):
+    batch_size, k_m = 300, 1200
+    manifest, table = run_select(pool, tmp_path / "out", batch_size, extra=["--margin_pool_size", str(k_m)])
+    full = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], k_m, k_m)
+    size_in_m = {}
+    for _, c, _ in full:
+        size_in_m[c] = size_in_m.get(c, 0) + 1
+    picked = {}
+    for _, c, _ in as_rows(table):
+        picked[c] = picked.get(c, 0) + 1
+    last = manifest["rounds"] - 1
+    assert last >= 1, "the test pool should need more than one pass"
+    # A cluster of size m contributes min(m, R) or min(m, R + 1) examples.
+    for c, m in size_in_m.items():
+        assert picked.get(c, 0) in (min(m, last), min(m, last + 1))
+    # In the last pass, the clusters that got a pick are the smallest (then lowest id).
+    eligible_last = sorted((m, c) for c, m in size_in_m.items() if m > last)
+    got_last = [(m, c) for m, c in eligible_last if picked.get(c, 0) == last + 1]
+    assert got_last == eligible_last[: len(got_last)]
+    assert len(got_last) == batch_size - sum(min(m, last) for m in size_in_m.values())
+
+
+@pytest.mark.parametrize("strategy", ["margin", "random"])
+def test_margin_and_random_match_reference(pool, tmp_path, strategy):
+    _, table = run_select(pool, tmp_path / "out", 150, extra=["--strategy", strategy, "--seed", "5"])
+    expected = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], 150, 150,
+                                seed=5, strategy=strategy)
+    assert as_rows(table) == expected
+
+
+def test_same_batch_with_one_and_two_workers(pool, tmp_path):
+    _, one = run_select(pool, tmp_path / "w1", 200, workers=1, extra=["--seed", "11"])
+    _, two = run_select(pool, tmp_path / "w2", 200, workers=2, extra=["--seed", "11"])
+    assert one.equals(two)
+
+
+def test_scores_from_probs_with_entropy(tmp_path):
+    rng = np.random.default_rng(9)
+    n = 400
+    probs = rng.dirichlet(np.full(5, 0.3), size=n).astype(np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ids = [f"p{i:04d}" for i in range(n)]
+    d = tmp_path / "probs"
+    d.mkdir()
+    pq.write_table(pa.table({"example_id": ids, "probs": pa.array(probs.tolist(), pa.list_(pa.float32()))}), str(d / "s.parquet"))
+    clusters = (np.arange(n) % 37).astype(np.int64)
+    pq.write_table(pa.table({"example_id": ids, "cluster_id": clusters}), str(d / "c.parquet"))
+    manifest, table = run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out",
+                                 30, extra=["--uncertainty", "entropy", "--margin_pool_size", "120"])
+    p64 = probs.astype(np.float64)
+    entropy = -(np.where(p64 > 0, p64 * np.log(p64), 0)).sum(axis=1)
+    expected = reference_select(dict(zip(ids, np.float32(entropy).tolist())), dict(zip(ids, clusters.tolist())), [],
+                                30, 120, larger_is_uncertain=True)
+    assert as_rows(table) == expected
+    assert manifest["parameters"]["score_source"] == "probs"
+
+
+def test_invalid_rows_are_rejected_and_counted(tmp_path):
+    d = tmp_path / "bad"
+    d.mkdir()
+    pq.write_table(pa.table({"example_id": ["a", "b", "c", "d", "e"],
+                             "margin": pa.array([0.1, float("nan"), 0.2, 1.5, None], pa.float32())}), str(d / "s.parquet"))
+    pq.write_table(pa.table({"example_id": ["a", "c"], "cluster_id": [1, 2]}), str(d / "c.parquet"))
+    manifest, table = run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out", 10)
+    rejected = table_io.read_table(str(tmp_path / "out" / "rejected-*.parquet")).sort_by("example_id")
+    assert rejected.column("example_id").to_pylist() == ["b", "d", "e"]
+    reasons = rejected.column("reason").to_pylist()
+    assert "NaN" in reasons[0] and "outside" in reasons[1] and "null" in reasons[2]
+    assert manifest["counts"]["rejected"] == 3 and manifest["counts"]["pool"] == 5
+    # k_t larger than the candidates: all of them, and the manifest says so.
+    assert sorted(table.column("example_id").to_pylist()) == ["a", "c"]
+    assert manifest["batch_smaller_than_requested"] and manifest["notes"]
+
+
+def test_unclustered_examples_are_singletons(tmp_path):
+    d = tmp_path / "u"
+    d.mkdir()
+    ids = [f"x{i}" for i in range(20)]
+    pq.write_table(pa.table({"example_id": ids, "margin": pa.array(np.linspace(0, 0.5, 20), pa.float32())}), str(d / "s.parquet"))
+    # Only the first 10 have clusters: all in one cluster.
+    pq.write_table(pa.table({"example_id": ids[:10], "cluster_id": [4] * 10}), str(d / "c.parquet"))
+    manifest, table = run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out",
+                                 12, extra=["--margin_pool_size", "20"])
+    expected = reference_select(dict(zip(ids, np.linspace(0, 0.5, 20, dtype=np.float32).tolist())),
+                                {i: 4 for i in ids[:10]}, [], 12, 20)
+    assert as_rows(table) == expected
+    assert manifest["counts"]["unclustered"] == 10
+    # The 10 singletons come first (size 1), then 2 passes... of the big cluster: 1 pick per pass.
+    assert sum(1 for _, c, _ in expected if c < 0) == 10
+
+
+def test_empty_pool_writes_empty_batch_and_manifest(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    pq.write_table(pa.table({"example_id": pa.array([], pa.string()), "margin": pa.array([], pa.float32())}), str(d / "s.parquet"))
+    pq.write_table(pa.table({"example_id": pa.array([], pa.string()), "cluster_id": pa.array([], pa.int64())}), str(d / "c.parquet"))
+    manifest, table = run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out", 5)
+    assert table.num_rows == 0
+    assert manifest["counts"]["selected"] == 0 and manifest["counts"]["pool"] == 0
+    assert set(table.column_names) >= {"example_id", "cluster_id", "margin", "round", "rank"}
+
+
+def test_missing_column_fails_before_work_naming_file_and_column(pool, tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    pq.write_table(pa.table({"example_id": ["a"], "score": [0.1]}), str(d / "s.parquet"))
+    with pytest.raises(InputError, match=r"--scores: .*s\.parquet has neither column 'margin' nor 'probs'"):
+        run_select({"scores": str(d / "s.parquet"), "clusters": pool["clusters"]}, tmp_path / "out", 5)
+    pq.write_table(pa.table({"example_id": ["a"], "cluster": [1]}), str(d / "c.parquet"))
+    with pytest.raises(InputError, match=r"--clusters: .*c\.parquet has no column 'cluster_id'"):
+        run_select({"scores": pool["scores"], "clusters": str(d / "c.parquet")}, tmp_path / "out", 5)
+    assert not (tmp_path / "out").exists(), "nothing may be written before the inputs are checked"
+
+
+@pytest.mark.parametrize("which", ["scores", "clusters"])
+def test_duplicate_ids_fail_naming_the_id_and_leave_no_manifest(tmp_path, which):
+    d = tmp_path / "dup"
+    d.mkdir()
+    s_ids = ["a", "b", "dupe", "dupe"] if which == "scores" else ["a", "b", "dupe"]
+    c_ids = ["a", "dupe", "dupe"] if which == "clusters" else ["a", "dupe"]
+    pq.write_table(pa.table({"example_id": s_ids, "margin": pa.array([0.1] * len(s_ids), pa.float32())}), str(d / "s.parquet"))
+    pq.write_table(pa.table({"example_id": c_ids, "cluster_id": list(range(len(c_ids)))}), str(d / "c.parquet"))
+    with pytest.raises(Exception, match=rf"--{which}: example_id 'dupe' appears 2 times"):
+        run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out", 2)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_non_empty_output_dir_is_refused_unless_overwrite(pool, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("x")
+    with pytest.raises(InputError, match="--output_dir: .* is not empty.*--overwrite"):
+        run_select(pool, out, 10)
+    manifest, table = run_select(pool, out, 10, extra=["--overwrite"])
+    assert table.num_rows == 10 and not (out / "old.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["counts"]["selected"] == 10
+
+
+def test_invalid_flags_fail_naming_the_flag(pool, tmp_path, capsys):
+    for argv, flag in [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--batch_size", "10", "--margin_pool_size", "5"], "--margin_pool_size"),
+        (["--batch_size", "10", "--margin_pool_factor", "0.5"], "--margin_pool_factor"),
+        (["--batch_size", "10", "--strategy", "coreset"], "--strategy"),
+    ]:
+        with pytest.raises(SystemExit):
+            select_batch.run(["--scores", pool["scores"], "--clusters", pool["clusters"], "--output_dir", str(tmp_path / "o")] + argv)
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
