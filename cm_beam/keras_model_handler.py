@@ -171,7 +171,10 @@ def check_model(
         [np.zeros((image_size, image_size, 3), np.float32), rng.uniform(0, 255, (image_size, image_size, 3)).astype(np.float32)]
     )
     out = embed_model(probe, training=False)
-    embedding, probs = np.asarray(out["embedding"]), np.asarray(out["probs"])
+    import keras
+
+    embedding = keras.ops.convert_to_numpy(out["embedding"])
+    probs = keras.ops.convert_to_numpy(out["probs"])
     if embedding.ndim != 2:
         where = f"layer '{tapped}'" if tapped else "output 'embedding'"
         raise InputError(
