@@ -1,0 +1,429 @@
+"""Reciprocal-nearest-neighbour (RNN) average-linkage HAC rounds as Beam stages.
+
+The pool is split in spatial shards; a cluster's state lives in the shard encoded
+in its id (`hac_kernels.shard_of`). One element per shard carries
+
+    {"clusters": hac_kernels.Clusters (count, sum, sum of squared norms, label),
+     "members":  (owner cluster id, point id) arrays,
+     "src", "dst": candidate edges leaving the shard's clusters (both directions of
+                   every undirected edge are stored, one at each end's shard)}.
+
+A round is four keyed stages (one GroupByKey each):
+
+1. Nearest: every shard sends each neighbouring shard the state of its clusters
+   adjacent to it ("ghosts"), so each shard computes the exact float64 linkage of
+   all its edges (in a canonical orientation, so both ends get bit-identical values),
+   drops edges above eps, finds each cluster's nearest candidate (ties: smaller id),
+   and retires clusters with no candidate left (their members are final);
+2. Match: each cluster tells its nearest's shard "I chose you"; reciprocal pairs merge
+   into the smaller id; losers send their state to the winner's shard and a rename
+   notice to the shards of their neighbours;
+3. Relabel: winners absorb losers; edges are renamed, a loser's edges move to the
+   winner's shard;
+4. Collect: moved edges join their new shard; self-loops and duplicates drop.
+
+Before each round the number of candidate edges left is counted; when it is at most
+`max_inmemory_edges` the whole remainder goes to one worker and finishes in memory
+(`hac_kernels.hac_in_memory`, the same round semantics). After `max_rounds` Beam
+rounds the remainder must fit that bound, or the job fails naming both flags.
+Spatial shards keep most edges, and so most messages, inside one shard.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from cm_beam import hac_kernels as hk
+from cm_beam.hac_kernels import Clusters, lookup, shard_of
+
+_EMPTY = np.zeros(0, np.int64)
+
+
+class _Timer:
+    def __init__(self, name: str):
+        self._counter = Metrics.counter("cm_cluster", f"ms_{name}")
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._counter.inc(int(1000 * (time.perf_counter() - self._t)))
+        return False
+
+
+def _state(clusters, members, src, dst) -> Dict:
+    return {"clusters": clusters, "members": members, "src": src, "dst": dst}
+
+
+def _assignments(clusters: Clusters, members):
+    """Final rows for retired clusters: per member point, (label, size)."""
+    owner, points = members
+    pos = lookup(clusters.ids, owner)
+    return points, clusters.labels[pos], clusters.counts[pos]
+
+
+def _emit_done(clusters: Clusters, members):
+    """Tagged outputs for retired clusters: assignment blocks per point shard + sizes."""
+    if len(clusters) == 0:
+        return
+    points, labels, sizes = _assignments(clusters, members)
+    shards = shard_of(points)
+    for s in np.unique(shards):
+        m = shards == s
+        yield beam.pvalue.TaggedOutput("done", (int(s), {"points": points[m], "labels": labels[m], "sizes": sizes[m]}))
+    yield beam.pvalue.TaggedOutput("sizes", clusters.counts)
+
+
+def _take_members(members, owner_ids):
+    owner, points = members
+    m = np.isin(owner, owner_ids)
+    return (owner[m], points[m]), (owner[~m], points[~m])
+
+
+# --- Initial state -------------------------------------------------------------
+
+def _symmetric_edges(kv):
+    """kNN edges (top-k per src) -> both directions, keyed by the shard of each end."""
+    _, block = kv
+    src = np.concatenate([block["src"], block["dst"]])
+    dst = np.concatenate([block["dst"], block["src"]])
+    shards = shard_of(src)
+    for s in np.unique(shards):
+        m = shards == s
+        yield int(s), ("edges", (src[m], dst[m]))
+
+
+def _initial_state(kv, metric):
+    shard, items = kv
+    blocks, srcs, dsts = [], [], []
+    for tag, value in items:
+        if tag == "points":
+            blocks.append(value)
+        else:
+            srcs.append(value[0]); dsts.append(value[1])
+    if not blocks:
+        return []
+    ids = np.concatenate([b["ids"] for b in blocks])
+    labels = np.concatenate([b["labels"] for b in blocks])
+    vecs = np.concatenate([np.asarray(b["vecs"], np.float64) for b in blocks])
+    sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
+    clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
+    src = np.concatenate(srcs) if srcs else _EMPTY
+    dst = np.concatenate(dsts) if dsts else _EMPTY
+    src, dst = _directed_unique(src, dst)
+    return [(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst))]
+
+
+def _directed_unique(src, dst):
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    if len(src) == 0:
+        return _EMPTY, _EMPTY
+    order = np.lexsort((dst, src))
+    src, dst = src[order], dst[order]
+    first = np.ones(len(src), bool)
+    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+    return src[first], dst[first]
+
+
+# --- Routing: Beam round or in-memory finish -------------------------------------
+
+def _count_edges(kv):
+    return len(kv[1]["src"])
+
+
+def _route(kv, total_directed, max_inmemory_edges, force_finish):
+    if force_finish or total_directed // 2 <= max_inmemory_edges:
+        yield beam.pvalue.TaggedOutput("finish", kv[1])
+    else:
+        yield kv
+
+
+# --- Round stage 1: ghosts and nearest candidates -------------------------------
+
+def _send_ghosts(kv):
+    shard, st = kv
+    yield shard, ("state", st)
+    c, src, dst = st["clusters"], st["src"], st["dst"]
+    dshard = shard_of(dst)
+    for q in np.unique(dshard):
+        if q == shard:
+            continue
+        need = np.unique(src[dshard == q])
+        yield int(q), ("ghost", c.take(lookup(c.ids, need)))
+
+
+def _nearest(kv, eps, metric, round_index):
+    shard, items = kv
+    st, ghosts = None, []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            ghosts.append(value)
+    if st is None:
+        return
+    with _Timer("hac_rounds"):
+        c, src, dst = st["clusters"], st["src"], st["dst"]
+        d = c.sums.shape[1]
+        table = Clusters.concat([c] + ghosts, d) if ghosts else c
+        # Canonical orientation (smaller id first): both ends compute the same bits.
+        a, b = np.minimum(src, dst), np.maximum(src, dst)
+        link = hk.edge_linkage(table, lookup(table.ids, a), table, lookup(table.ids, b), metric)
+        keep = link <= eps
+        yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
+        src, dst, link = src[keep], dst[keep], link[keep]
+        has, nn, _ = hk.nearest_candidates(src, dst, link)
+        active = np.isin(c.ids, has)
+        retired = c.take(~active)
+        members_retired, members = _take_members(st["members"], retired.ids)
+        for out in _emit_done(retired, members_retired):
+            yield out
+        c = c.take(active)
+        yield beam.pvalue.TaggedOutput("stats", ((round_index, "active"), len(c)))
+        nn_full = nn[lookup(has, c.ids)]
+        nshard = shard_of(nn_full)
+        remote = nshard != shard
+        for q in np.unique(nshard[remote]):
+            m = nshard == q
+            yield int(q), ("choice", (c.ids[m], nn_full[m]))
+        st = _state(c, members, src, dst)
+        st["nn"] = nn_full
+        yield shard, ("state", st)
+
+
+# --- Round stage 2: reciprocal pairs --------------------------------------------
+
+def _match(kv, round_index):
+    shard, items = kv
+    st, choosers, targets = None, [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            choosers.append(value[0]); targets.append(value[1])
+    if st is None:
+        return
+    with _Timer("hac_rounds"):
+        c, nn = st["clusters"], st["nn"]
+        local = shard_of(nn) == shard
+        ch = np.concatenate(choosers + [c.ids[local]])
+        tg = np.concatenate(targets + [nn[local]])
+        order = np.argsort(ch, kind="stable")
+        ch, tg = ch[order], tg[order]
+        pos = lookup(ch, nn)
+        recip = (pos >= 0) & (tg[np.maximum(pos, 0)] == c.ids) if len(ch) else np.zeros(len(c), bool)
+        is_loser = recip & (nn < c.ids)
+        losers, winners = c.ids[is_loser], nn[is_loser]
+        yield beam.pvalue.TaggedOutput("stats", ((round_index, "merges"), int(is_loser.sum())))
+        if len(losers):
+            lost = c.take(is_loser)
+            members_lost, members = _take_members(st["members"], losers)
+            # The loser's state goes to its winner's shard (maybe this one).
+            wshard = shard_of(winners)
+            for q in np.unique(wshard):
+                m = wshard == q
+                sub_ids = losers[m]
+                mo, mp = members_lost
+                mm = np.isin(mo, sub_ids)
+                yield int(q), ("absorb", (winners[m], lost.take(m), (mo[mm], mp[mm])))
+            # Rename notices to every shard holding an edge that points at a loser:
+            # the shards of the loser's neighbours (adjacency is symmetric), and
+            # this shard (the loser's own edges are renamed and moved from here).
+            src, dst = st["src"], st["dst"]
+            on_loser = np.isin(src, losers)
+            nshard = shard_of(dst[on_loser])
+            nsrc = src[on_loser]
+            for q in np.unique(np.concatenate([nshard, [shard]])):
+                olds = np.unique(nsrc[nshard == q]) if q != shard else losers
+                yield int(q), ("rename", (olds, winners[lookup(losers, olds)]))
+            st = _state(c.take(~is_loser), members, src, dst)
+        else:
+            st = _state(c, st["members"], st["src"], st["dst"])
+        yield shard, ("state", st)
+
+
+# --- Round stage 3: absorb merged clusters and relabel edges --------------------
+
+def _relabel(kv):
+    shard, items = kv
+    st, absorbs, olds, news = None, [], [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        elif tag == "absorb":
+            absorbs.append(value)
+        else:
+            olds.append(value[0]); news.append(value[1])
+    if st is None:
+        return
+    with _Timer("hac_rounds"):
+        c = st["clusters"]
+        owner, points = st["members"]
+        owners, pts = [owner], [points]
+        d = c.sums.shape[1]
+        if absorbs:
+            winners = np.concatenate([a[0] for a in absorbs])
+            lost = Clusters.concat([a[1] for a in absorbs], d)
+            # Clusters.concat sorts by id: reorder winners to match.
+            lost_ids = np.concatenate([a[1].ids for a in absorbs])
+            winners = winners[np.argsort(lost_ids, kind="stable")]
+            merged = Clusters.concat([c, lost], d)
+            c = hk.merge_clusters(merged, winners, lost.ids)
+            for w_ids, l_state, (mo, mp) in absorbs:
+                w_of = w_ids[lookup(l_state.ids, mo)]
+                owners.append(w_of); pts.append(mp)
+        members = (np.concatenate(owners), np.concatenate(pts))
+        src, dst = st["src"], st["dst"]
+        if olds:
+            old = np.concatenate(olds)
+            new = np.concatenate(news)
+            old, first = np.unique(old, return_index=True)
+            new = new[first]
+            ps, pd = lookup(old, src), lookup(old, dst)
+            src = np.where(ps >= 0, new[np.maximum(ps, 0)], src)
+            dst = np.where(pd >= 0, new[np.maximum(pd, 0)], dst)
+        sshard = shard_of(src)
+        stay = sshard == shard
+        for q in np.unique(sshard[~stay]):
+            m = sshard == q
+            yield int(q), ("edges", (src[m], dst[m]))
+        yield shard, ("state", _state(c, members, src[stay], dst[stay]))
+
+
+# --- Round stage 4: collect moved edges ------------------------------------------
+
+def _collect(kv):
+    shard, items = kv
+    st, srcs, dsts = None, [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            srcs.append(value[0]); dsts.append(value[1])
+    if st is None:
+        return []
+    with _Timer("hac_rounds"):
+        src, dst = _directed_unique(np.concatenate([st["src"]] + srcs), np.concatenate([st["dst"]] + dsts))
+    return [(shard, _state(st["clusters"], st["members"], src, dst))]
+
+
+# --- In-memory finish --------------------------------------------------------------
+
+def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
+    _, states = kv
+    states = list(states)
+    if not states:
+        return
+    with _Timer("hac_finish"):
+        d = states[0]["clusters"].sums.shape[1]
+        clusters = Clusters.concat([s["clusters"] for s in states], d)
+        owner = np.concatenate([s["members"][0] for s in states])
+        points = np.concatenate([s["members"][1] for s in states])
+        u, v = hk.canonical_edges(np.concatenate([s["src"] for s in states]), np.concatenate([s["dst"] for s in states]))
+        if len(u) > max_inmemory_edges:
+            raise RuntimeError(
+                f"cm-cluster: {len(u)} candidate edges are left after --max_rounds={max_rounds} rounds, "
+                f"more than --max_inmemory_edges={max_inmemory_edges} allows on one worker; "
+                "raise --max_rounds (or --max_inmemory_edges if one worker has the memory)"
+            )
+        final, (losers, winners), stats, _ = hk.hac_in_memory(clusters, u, v, eps, metric)
+        for i, s in enumerate(stats):
+            yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
+            yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
+            yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "merges"), s.merges))
+        owner = hk.resolve_parents(owner, losers, winners)
+        for out in _emit_done(final, (owner, points)):
+            yield out
+
+
+class HacRounds(beam.PTransform):
+    """Average-linkage HAC cut at eps over sharded points and candidate edges.
+
+    Input: a dict {"points": (shard, {"ids", "labels", "vecs"}),
+                   "edges":  (shard, {"src", "dst", ...})} of PCollections.
+    Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
+             "sizes": int64 arrays of final cluster sizes,
+             "stats": ((round, name), value) summed per key}.
+
+    Example:
+        hac = {"points": shard_blocks, "edges": graph["edges"]} | HacRounds(
+            eps=0.2, metric="cosine", max_rounds=16, max_inmemory_edges=2_000_000)
+    """
+
+    def __init__(self, eps: float, metric: str, max_rounds: int, max_inmemory_edges: int):
+        super().__init__()
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if metric not in hk.METRICS:
+            raise ValueError(f"metric must be one of {hk.METRICS}, got {metric!r}")
+        if max_rounds < 0 or max_inmemory_edges < 0:
+            raise ValueError("max_rounds and max_inmemory_edges must be >= 0")
+        self._eps, self._metric = float(eps), metric
+        self._max_rounds, self._max_inmemory = int(max_rounds), int(max_inmemory_edges)
+
+    def expand(self, inputs):
+        eps, metric = self._eps, self._metric
+        points = inputs["points"] | "TagPoints" >> beam.Map(lambda kv: (kv[0], ("points", kv[1])))
+        edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
+        state = (
+            (points, edges)
+            | "FlattenInit" >> beam.Flatten()
+            | "GroupInit" >> beam.GroupByKey()
+            | "InitialState" >> beam.FlatMap(_initial_state, metric)
+        )
+        done, sizes, stats, finish = [], [], [], []
+        for r in range(self._max_rounds + 1):
+            last = r == self._max_rounds
+            total = (
+                state
+                | f"R{r}CountEdges" >> beam.Map(_count_edges)
+                | f"R{r}SumEdges" >> beam.CombineGlobally(sum)
+            )
+            routed = state | f"R{r}Route" >> beam.FlatMap(
+                _route, beam.pvalue.AsSingleton(total), self._max_inmemory, last
+            ).with_outputs("finish", main="round")
+            finish.append(routed.finish)
+            if last:
+                break
+            nearest = (
+                routed.round
+                | f"R{r}Ghosts" >> beam.FlatMap(_send_ghosts)
+                | f"R{r}GroupGhosts" >> beam.GroupByKey()
+                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs("done", "sizes", "stats", main="state")
+            )
+            done.append(nearest.done); sizes.append(nearest.sizes); stats.append(nearest.stats)
+            matched = (
+                nearest.state
+                | f"R{r}GroupChoices" >> beam.GroupByKey()
+                | f"R{r}Match" >> beam.FlatMap(_match, r).with_outputs("stats", main="state")
+            )
+            stats.append(matched.stats)
+            state = (
+                matched.state
+                | f"R{r}GroupMerges" >> beam.GroupByKey()
+                | f"R{r}Relabel" >> beam.FlatMap(_relabel)
+                | f"R{r}GroupMoved" >> beam.GroupByKey()
+                | f"R{r}Collect" >> beam.FlatMap(_collect)
+            )
+        finished = (
+            finish
+            | "FlattenFinish" >> beam.Flatten()
+            | "OneKey" >> beam.Map(lambda st: (0, st))
+            | "GroupFinish" >> beam.GroupByKey()
+            | "FinishInMemory" >> beam.FlatMap(
+                _finish, eps, metric, self._max_inmemory, self._max_rounds
+            ).with_outputs("done", "sizes", "stats")
+        )
+        done.append(finished.done); sizes.append(finished.sizes); stats.append(finished.stats)
+        return {
+            "assignments": done | "FlattenDone" >> beam.Flatten(),
+            "sizes": sizes | "FlattenSizes" >> beam.Flatten(),
+            "stats": stats | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
+        }

@@ -1,0 +1,310 @@
+"""Pure-numpy kernels of average-linkage HAC from cluster sums (no Beam import).
+
+Average linkage between clusters A and B is the mean of the pairwise distances.
+For the two metrics we support it is *exact* from per-cluster sums:
+
+* cosine on unit vectors: mean(1 - a.b) = 1 - s_A . s_B / (|A| |B|);
+* squared Euclidean: mean |a - b|^2 = q_A / |A| + q_B / |B| - 2 s_A . s_B / (|A| |B|),
+
+with s the sum of the member vectors and q the sum of their squared norms. So a
+cluster is (count, sum vector, sum of squared norms), merging adds them, and the
+linkage of any candidate pair is computed exactly, in float64. The kNN graph only
+chooses which cluster pairs are candidates.
+
+A round of reciprocal-nearest-neighbour (RNN) merging (average linkage is
+reducible, so all RNN pairs can merge at once without changing the dendrogram):
+
+1. `edge_linkage`: exact linkage of every candidate edge; edges above eps are
+   dropped for good (the linkage of a merged cluster is a weighted mean of its
+   parts', so a pair whose every candidate edge is above eps stays above eps);
+2. `nearest_candidates`: each cluster's nearest candidate, ties broken by the
+   smaller cluster id; a cluster with no candidate left retires;
+3. `reciprocal_pairs`: pairs that are each other's nearest merge; the merged
+   cluster keeps the smaller id;
+4. `relabel_edges`: edges renamed to the surviving ids, self-loops and duplicates
+   dropped.
+
+`hac_in_memory` runs rounds until nothing merges: it is the bounded finish of the
+Beam transform and the sequential reference the tests compare with scipy.
+
+Cluster ids are int64 >= 0; arrays of cluster state are kept sorted by id so that
+lookups are `searchsorted`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+METRICS = ("cosine", "sqeuclidean")
+# Edges per chunk when gathering sum vectors (chunk x d float64 per side).
+_GATHER_CHUNK = 1 << 16
+
+
+@dataclasses.dataclass
+class Clusters:
+    """Cluster state, sorted by `ids`.
+
+    labels: the output cluster id (smallest member id hash, >= 0), carried with the
+    state because the internal ids encode a shard and are not the public id.
+    """
+
+    ids: np.ndarray  # int64 [m]
+    counts: np.ndarray  # int64 [m]
+    sums: np.ndarray  # float64 [m, d]
+    sq: np.ndarray  # float64 [m] (sum of squared norms; zeros under cosine)
+    labels: np.ndarray  # int64 [m]
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    @staticmethod
+    def empty(d: int) -> "Clusters":
+        return Clusters(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, d)), np.zeros(0), np.zeros(0, np.int64))
+
+    @staticmethod
+    def concat(parts: List["Clusters"], d: int) -> "Clusters":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Clusters.empty(d)
+        c = Clusters(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.counts for p in parts]),
+            np.concatenate([p.sums for p in parts]),
+            np.concatenate([p.sq for p in parts]),
+            np.concatenate([p.labels for p in parts]),
+        )
+        return c.sorted()
+
+    def sorted(self) -> "Clusters":
+        order = np.argsort(self.ids, kind="stable")
+        return self.take(order)
+
+    def take(self, idx) -> "Clusters":
+        return Clusters(self.ids[idx], self.counts[idx], self.sums[idx], self.sq[idx], self.labels[idx])
+
+
+def linkage_from_sums(metric: str, n_a, s_a, q_a, n_b, s_b, q_b) -> np.ndarray:
+    """Exact average linkage of cluster pairs (rows), float64."""
+    n_a = np.asarray(n_a, np.float64)
+    n_b = np.asarray(n_b, np.float64)
+    dots = np.einsum("ij,ij->i", np.asarray(s_a, np.float64), np.asarray(s_b, np.float64))
+    if metric == "cosine":
+        return 1.0 - dots / (n_a * n_b)
+    if metric == "sqeuclidean":
+        return np.asarray(q_a) / n_a + np.asarray(q_b) / n_b - 2.0 * dots / (n_a * n_b)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def lookup(ids_sorted: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Positions of `keys` in the sorted id array; -1 where absent."""
+    pos = np.searchsorted(ids_sorted, keys)
+    pos_c = np.minimum(pos, max(len(ids_sorted) - 1, 0))
+    found = (len(ids_sorted) > 0) & (ids_sorted[pos_c] == keys) if len(ids_sorted) else np.zeros(len(keys), bool)
+    return np.where(found, pos_c, -1)
+
+
+def edge_linkage(clusters_u: Clusters, iu: np.ndarray, clusters_v: Clusters, iv: np.ndarray, metric: str) -> np.ndarray:
+    """Linkage of edges (clusters_u[iu], clusters_v[iv]), gathered in chunks."""
+    out = np.empty(len(iu), np.float64)
+    for start in range(0, len(iu), _GATHER_CHUNK):
+        a = iu[start:start + _GATHER_CHUNK]
+        b = iv[start:start + _GATHER_CHUNK]
+        out[start:start + _GATHER_CHUNK] = linkage_from_sums(
+            metric,
+            clusters_u.counts[a], clusters_u.sums[a], clusters_u.sq[a],
+            clusters_v.counts[b], clusters_v.sums[b], clusters_v.sq[b],
+        )
+    return out
+
+
+def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct src: its nearest dst (min linkage, then min id) and that linkage.
+
+    `src`/`dst` are directed edges (give both directions of an undirected edge).
+    Returns (src_unique sorted, nn, nn_linkage).
+    """
+    if len(src) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    order = np.lexsort((dst, link, src))
+    s = src[order]
+    first = np.ones(len(s), bool)
+    first[1:] = s[1:] != s[:-1]
+    sel = order[first]
+    return src[sel], dst[sel], link[sel]
+
+
+def reciprocal_pairs(src_unique: np.ndarray, nn: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(winner, loser) of each reciprocal nearest-neighbour pair; winner = smaller id.
+
+    Only pairs whose both nearest choices are known (both in `src_unique`) count.
+    """
+    pos = lookup(src_unique, nn)
+    ok = pos >= 0
+    recip = np.zeros(len(src_unique), bool)
+    recip[ok] = nn[pos[ok]] == src_unique[ok]
+    keep = recip & (src_unique < nn)
+    return src_unique[keep], nn[keep]
+
+
+def merge_clusters(clusters: Clusters, winners: np.ndarray, losers: np.ndarray) -> Clusters:
+    """Adds each loser into its winner and removes the losers (both must be present)."""
+    if len(winners) == 0:
+        return clusters
+    iw = lookup(clusters.ids, winners)
+    il = lookup(clusters.ids, losers)
+    if (iw < 0).any() or (il < 0).any():
+        raise AssertionError("merge of a cluster that is not in the state")
+    counts = clusters.counts.copy()
+    sums = clusters.sums.copy()
+    sq = clusters.sq.copy()
+    labels = clusters.labels.copy()
+    counts[iw] += counts[il]
+    sums[iw] += sums[il]
+    sq[iw] += sq[il]
+    labels[iw] = np.minimum(labels[iw], labels[il])
+    keep = np.ones(len(clusters), bool)
+    keep[il] = False
+    return Clusters(clusters.ids[keep], counts[keep], sums[keep], sq[keep], labels[keep])
+
+
+def relabel_edges(u: np.ndarray, v: np.ndarray, old: np.ndarray, new: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Renames edge endpoints (old -> new, `old` sorted), canonicalises u < v, drops
+    self-loops and duplicate edges."""
+    if len(old):
+        pu = lookup(old, u)
+        pv = lookup(old, v)
+        u = np.where(pu >= 0, new[np.maximum(pu, 0)], u)
+        v = np.where(pv >= 0, new[np.maximum(pv, 0)], v)
+    return canonical_edges(u, v)
+
+
+def canonical_edges(u: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Undirected edges as unique (min, max) pairs without self-loops, sorted."""
+    a = np.minimum(u, v)
+    b = np.maximum(u, v)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    if len(a) == 0:
+        return a.astype(np.int64), b.astype(np.int64)
+    order = np.lexsort((b, a))
+    a, b = a[order], b[order]
+    first = np.ones(len(a), bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    return a[first], b[first]
+
+
+@dataclasses.dataclass
+class RoundStats:
+    edges: int  # candidate edges at the start of the round (before the eps cut)
+    active: int  # clusters with a candidate within eps
+    merges: int
+
+
+def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str):
+    """One RNN round over the whole (in-memory) state.
+
+    Returns (clusters after merging, edges u, v after relabelling, winners, losers, stats).
+    Clusters with no candidate within eps are left in `clusters` untouched (they
+    have no edges any more, so later rounds never see them).
+    """
+    n_edges = len(u)
+    iu = lookup(clusters.ids, u)
+    iv = lookup(clusters.ids, v)
+    link = edge_linkage(clusters, iu, clusters, iv, metric)
+    keep = link <= eps
+    u, v, link = u[keep], v[keep], link[keep]
+    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]))
+    winners, losers = reciprocal_pairs(src, nn)
+    clusters = merge_clusters(clusters, winners, losers)
+    order = np.argsort(losers, kind="stable")
+    u, v = relabel_edges(u, v, losers[order], winners[order])
+    return clusters, u, v, winners, losers, RoundStats(n_edges, len(src), len(winners))
+
+
+def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str,
+                  max_rounds: int = 1 << 30):
+    """Runs RNN rounds until no candidate edge within eps is left.
+
+    Returns (final clusters, parent_of: dict-like arrays (loser ids, winner ids) of
+    every merge in order, list of RoundStats). Follow `resolve_parents` to map any
+    initial id to its final cluster.
+    """
+    all_losers: List[np.ndarray] = []
+    all_winners: List[np.ndarray] = []
+    stats: List[RoundStats] = []
+    u, v = canonical_edges(np.asarray(u, np.int64), np.asarray(v, np.int64))
+    rounds = 0
+    while len(u) and rounds < max_rounds:
+        clusters, u, v, w, l, st = rnn_round(clusters, u, v, eps, metric)
+        stats.append(st)
+        rounds += 1
+        all_winners.append(w)
+        all_losers.append(l)
+        if st.merges == 0 and len(u) == 0:
+            break
+    losers = np.concatenate(all_losers) if all_losers else np.zeros(0, np.int64)
+    winners = np.concatenate(all_winners) if all_winners else np.zeros(0, np.int64)
+    return clusters, (losers, winners), stats, (u, v)
+
+
+def resolve_parents(ids: np.ndarray, losers: np.ndarray, winners: np.ndarray) -> np.ndarray:
+    """Final cluster id of each of `ids`, following loser -> winner merges.
+
+    A loser merges once and winners have smaller ids, so chains terminate; pointer
+    jumping halves every chain per pass.
+    """
+    if len(losers) == 0:
+        return np.asarray(ids, np.int64).copy()
+    order = np.argsort(losers, kind="stable")
+    lo, wi = losers[order], winners[order]
+    # Pointer jumping on the loser table itself first.
+    while True:
+        pos = lookup(lo, wi)
+        moved = pos >= 0
+        if not moved.any():
+            break
+        wi = np.where(moved, wi[np.maximum(pos, 0)], wi)
+    pos = lookup(lo, np.asarray(ids, np.int64))
+    return np.where(pos >= 0, wi[np.maximum(pos, 0)], ids)
+
+
+def size_histogram(sizes: np.ndarray) -> Dict[str, int]:
+    """Counts of clusters by size bucket (1, 2, 3-4, 5-8, ... powers of two)."""
+    sizes = np.asarray(sizes, np.int64)
+    out: Dict[str, int] = {}
+    if len(sizes) == 0:
+        return out
+    lo = 1
+    hi = 1
+    while lo <= sizes.max():
+        count = int(((sizes >= lo) & (sizes <= hi)).sum())
+        if count:
+            out[f"{lo}" if lo == hi else f"{lo}-{hi}"] = count
+        lo, hi = hi + 1, hi * 2 if hi > 1 else 2
+    return out
+
+
+# --- Internal cluster ids ----------------------------------------------------
+# An internal id is (shard << SHARD_SHIFT) | (53 bits of the example-id hash): the
+# shard that owns a cluster's state is readable from its id (no lookup table), and
+# a merged cluster keeps the smaller id, so it lives in the smaller shard. The
+# public cluster_id is the separate `labels` field (smallest member hash, >= 0).
+SHARD_SHIFT = 53
+MAX_SHARDS = 1 << (63 - SHARD_SHIFT)
+
+
+def make_ids(shards: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    low = (np.asarray(hashes, np.uint64) >> np.uint64(64 - SHARD_SHIFT)).astype(np.int64)
+    return (np.asarray(shards, np.int64) << SHARD_SHIFT) | low
+
+
+def shard_of(ids: np.ndarray) -> np.ndarray:
+    return np.asarray(ids, np.int64) >> SHARD_SHIFT
+
+
+def public_labels(hashes: np.ndarray) -> np.ndarray:
+    """The public cluster id of a singleton: its 64-bit id hash shifted to int64 >= 0."""
+    return (np.asarray(hashes, np.uint64) >> np.uint64(1)).astype(np.int64)

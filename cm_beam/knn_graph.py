@@ -1,0 +1,281 @@
+"""The sharded k-nearest-neighbour graph as a Beam PTransform.
+
+Input: one block per spatial shard, `(shard, {"ids": int64 [m], "vecs": float [m, d]})`
+(vectors already L2-normalised for cosine, centred for sqeuclidean). Output: each
+point's k nearest neighbours as edge blocks keyed by the shard of the source point,
+`(shard, {"src", "dst", "dist"})`, optionally cut at `max_dist` (the clustering only
+needs candidates within eps: the top-k cut at eps equals the top-k of the points
+within eps).
+
+Two modes:
+
+* `exact`: every shard pair (i <= j) is one element; both directions' top-k come out
+  of one matmul per row chunk; a point's partial lists are merged per shard.
+  Work n^2 d, data shipped num_shards x the pool: for small pools.
+* `ivf`: coarse k-means centroids (computed on a sample, a side input); each point is
+  sent to its `num_probes` nearest partitions, brute force inside each partition,
+  partial lists merged per point. Two points are candidates when they share a
+  partition. The recall of this against exact search is estimated on a fixed sample
+  of query points (`recall` output).
+
+The per-block math is in `cm_beam.knn_kernels` (pure numpy).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from cm_beam import knn_kernels as kk
+from cm_beam.hac_kernels import shard_of
+
+MODES = ("exact", "ivf")
+
+
+class _Timer:
+    """Adds the wall time spent in a block to a Beam counter (milliseconds)."""
+
+    def __init__(self, name: str):
+        self._counter = Metrics.counter("cm_cluster", f"ms_{name}")
+
+    def __enter__(self):
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._counter.inc(int(1000 * (time.perf_counter() - self._t)))
+        return False
+
+
+def _edge_block(src, dst, dist) -> Dict[str, np.ndarray]:
+    return {"src": np.asarray(src, np.int64), "dst": np.asarray(dst, np.int64), "dist": np.asarray(dist, np.float32)}
+
+
+def _split_by_shard(src, dst, dist):
+    """Edge arrays -> [(shard of src, edge block)]."""
+    shards = shard_of(src)
+    out = []
+    for s in np.unique(shards):
+        m = shards == s
+        out.append((int(s), _edge_block(src[m], dst[m], dist[m])))
+    return out
+
+
+class _MergeSampleTopk(beam.CombineFn):
+    """Merges partial top-k lists of the recall sample's query rows."""
+
+    def __init__(self, k: int):
+        self._k = k
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, part):
+        return self.merge_accumulators([acc, part])
+
+    def merge_accumulators(self, accs):
+        rows, ids, dists = [], [], []
+        for a in accs:
+            if a is not None:
+                rows.append(a[0]); ids.append(a[1]); dists.append(a[2])
+        if not rows:
+            return None
+        rows = np.concatenate(rows); ids = np.concatenate(ids); dists = np.concatenate(dists)
+        src, dst, dist = kk.dense_to_edges(rows, ids, dists)
+        src, dst, dist = kk.topk_edges(src, dst, dist, self._k)
+        uniq = np.unique(rows)
+        out_ids = np.full((len(uniq), self._k), kk.PAD_ID, np.int64)
+        out_d = np.full((len(uniq), self._k), np.inf, np.float32)
+        if len(src):
+            r = np.searchsorted(uniq, src)
+            starts = np.ones(len(src), bool)
+            starts[1:] = src[1:] != src[:-1]
+            col = np.arange(len(src)) - np.maximum.accumulate(np.where(starts, np.arange(len(src)), 0))
+            out_ids[r, col] = dst
+            out_d[r, col] = dist
+        return uniq, out_ids, out_d
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _exact_pairs(kv, num_shards):
+    shard, block = kv
+    for other in range(num_shards):
+        yield (min(shard, other), max(shard, other)), (shard, block)
+
+
+def _exact_pair_topk(kv, k, metric, max_dist):
+    """Shard pair (i, j): i's rows against j's points and, for i != j, the reverse."""
+    (i, j), parts = kv
+    blocks = dict(parts)
+    if i == j:
+        directions = [(blocks[i], blocks[i])]
+    elif i in blocks and j in blocks:
+        directions = [(blocks[i], blocks[j]), (blocks[j], blocks[i])]
+    else:
+        return []  # the other shard is empty
+    srcs, dsts, ds = [], [], []
+    with _Timer("knn"):
+        for a, b in directions:
+            nb, nd = kk.block_topk(a["vecs"].astype(np.float32, copy=False), a["ids"],
+                                   b["vecs"].astype(np.float32, copy=False), b["ids"], k, metric, max_dist)
+            s, t, dd = kk.dense_to_edges(a["ids"], nb, nd)
+            srcs.append(s); dsts.append(t); ds.append(dd)
+    return _split_by_shard(np.concatenate(srcs), np.concatenate(dsts), np.concatenate(ds))
+
+
+def _ivf_assign(kv, centroids, num_probes):
+    _, block = kv
+    with _Timer("knn"):
+        vecs = block["vecs"].astype(np.float32, copy=False)
+        probes = kk.nearest_centroids(vecs, centroids, num_probes)
+        part = probes.ravel()
+        rows = np.repeat(np.arange(len(vecs)), probes.shape[1])
+        order = np.argsort(part, kind="stable")
+        part, rows = part[order], rows[order]
+        bounds = np.flatnonzero(np.diff(part)) + 1
+        out = []
+        for seg in np.split(np.arange(len(part)), bounds):
+            if len(seg) == 0:
+                continue
+            r = rows[seg]
+            out.append((int(part[seg[0]]), {"ids": block["ids"][r], "vecs": vecs[r]}))
+    return out
+
+
+def _ivf_partition_topk(kv, k, metric, max_dist, sample):
+    _, parts = kv
+    with _Timer("knn"):
+        ids = np.concatenate([p["ids"] for p in parts])
+        vecs = np.concatenate([p["vecs"] for p in parts])
+        nb, nd = kk.block_topk(vecs, ids, vecs, ids, k, metric)
+        # Sample query rows keep their uncut lists for the recall estimate.
+        if sample is not None and len(sample["ids"]):
+            pos = np.searchsorted(sample["ids"], ids)
+            pos_c = np.minimum(pos, len(sample["ids"]) - 1)
+            hit = sample["ids"][pos_c] == ids
+            if hit.any():
+                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb[hit], nd[hit]))
+        if np.isfinite(max_dist):
+            if metric == "sqeuclidean":
+                cut = _sq_cut(ids, kk.sq_norms(vecs), nb, max_dist, metric)
+            else:
+                cut = max_dist + kk.prune_tolerance(metric, max_dist)
+            far = nd > cut
+            nb = np.where(far, kk.PAD_ID, nb)
+            nd = np.where(far, np.inf, nd)
+        src, dst, dist = kk.dense_to_edges(ids, nb, nd)
+    for item in _split_by_shard(src, dst, dist):
+        yield item
+
+
+def _sq_cut(ids, sq, nb, max_dist, metric):
+    """Per-entry float32 slack for squared Euclidean cuts (depends on both norms)."""
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], np.maximum(nb, 0))
+    nb_sq = sq[order][np.minimum(pos, len(ids) - 1)]
+    return max_dist + kk.prune_tolerance(metric, max_dist) + 1e-5 * (sq[:, None] + nb_sq)
+
+
+def _merge_shard_edges(kv, k):
+    shard, parts = kv
+    with _Timer("knn"):
+        parts = list(parts)
+        src = np.concatenate([p["src"] for p in parts])
+        dst = np.concatenate([p["dst"] for p in parts])
+        dist = np.concatenate([p["dist"] for p in parts])
+        src, dst, dist = kk.topk_edges(src, dst, dist, k)
+    return shard, _edge_block(src, dst, dist)
+
+
+def _sample_exact_topk(kv, sample, k, metric):
+    _, block = kv
+    if sample is None or not len(sample["ids"]):
+        return
+    with _Timer("knn_recall"):
+        nb, nd = kk.block_topk(sample["vecs"].astype(np.float32), sample["ids"],
+                               block["vecs"].astype(np.float32, copy=False), block["ids"], k, metric)
+    yield np.arange(len(sample["ids"])), nb, nd
+
+
+def _recall(exact, approx):
+    if exact is None or approx is None:
+        return {"recall_at_k": None, "recall_queries": 0}
+    rows_e, ids_e, _ = exact
+    rows_a, ids_a, _ = approx
+    pos = np.searchsorted(rows_a, rows_e)
+    pos_c = np.minimum(pos, max(len(rows_a) - 1, 0))
+    found = rows_a[pos_c] == rows_e
+    approx_rows = np.where(found[:, None], ids_a[pos_c], kk.PAD_ID)
+    return {"recall_at_k": kk.recall_at_k(approx_rows, ids_e), "recall_queries": int(len(rows_e))}
+
+
+class KnnGraph(beam.PTransform):
+    """Each point's k nearest neighbours, sharded; returns {"edges", "recall"}.
+
+    Example:
+        graph = shard_blocks | KnnGraph(k=100, metric="cosine", mode="ivf",
+                                        num_shards=16, max_dist=0.2,
+                                        centroids=beam.pvalue.AsSingleton(cents),
+                                        sample=beam.pvalue.AsSingleton(sample))
+        graph["edges"]   # (shard, {"src", "dst", "dist"}), top-k per src, cut at max_dist
+        graph["recall"]  # one dict {"recall_at_k", "recall_queries"} (ivf only)
+    """
+
+    def __init__(self, k: int, metric: str, mode: str, num_shards: int, num_probes: int = 1,
+                 max_dist: float = float("inf"), centroids=None, sample=None):
+        super().__init__()
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        if metric not in kk.METRICS:
+            raise ValueError(f"metric must be one of {kk.METRICS}, got {metric!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "ivf" and centroids is None:
+            raise ValueError("ivf mode needs the centroids side input")
+        self._k, self._metric, self._mode = k, metric, mode
+        self._num_shards, self._num_probes = num_shards, num_probes
+        self._max_dist = max_dist
+        self._centroids, self._sample = centroids, sample
+
+    def expand(self, points):
+        k, metric, max_dist = self._k, self._metric, self._max_dist
+        outputs = {}
+        if self._mode == "exact":
+            partial = (
+                points
+                | "ToShardPairs" >> beam.FlatMap(_exact_pairs, self._num_shards)
+                | "GroupShardPairs" >> beam.GroupByKey()
+                | "PairTopk" >> beam.FlatMap(_exact_pair_topk, k, metric, max_dist)
+            )
+        else:
+            tagged = (
+                points
+                | "AssignPartitions" >> beam.FlatMap(_ivf_assign, self._centroids, self._num_probes)
+                | "GroupPartitions" >> beam.GroupByKey()
+                | "PartitionTopk" >> beam.FlatMap(_ivf_partition_topk, k, metric, max_dist, self._sample)
+                .with_outputs("sample", main="edges")
+            )
+            partial = tagged.edges
+            if self._sample is not None:
+                approx = tagged.sample | "MergeSampleApprox" >> beam.CombineGlobally(_MergeSampleTopk(k))
+                exact = (
+                    points
+                    | "SampleExact" >> beam.FlatMap(_sample_exact_topk, self._sample, k, metric)
+                    | "MergeSampleExact" >> beam.CombineGlobally(_MergeSampleTopk(k))
+                )
+                outputs["recall"] = (
+                    exact
+                    | "Recall" >> beam.Map(_recall, beam.pvalue.AsSingleton(approx))
+                )
+        outputs["edges"] = (
+            partial
+            | "GroupBySourceShard" >> beam.GroupByKey()
+            | "MergeTopk" >> beam.Map(_merge_shard_edges, k)
+        )
+        return outputs

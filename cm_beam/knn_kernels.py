@@ -1,0 +1,246 @@
+"""Pure-numpy kernels of the sharded k-nearest-neighbour graph (no Beam import).
+
+The kNN graph stage (`cm_beam.knn_graph`) moves blocks of points between workers;
+everything it computes on a block lives here so it can be tested against brute
+force on its own:
+
+* `normalise_rows`: L2 normalisation (cosine works on unit vectors);
+* `pair_distances`: the distance matrix of two blocks (one matmul), cosine or
+  squared Euclidean, in float32 (it only chooses *candidates*: the clustering
+  recomputes every linkage exactly in float64);
+* `block_topk`: each query row's k nearest columns of a block, computed in row
+  chunks so a block pair never materialises more than `chunk` x m distances;
+* `merge_topk`: merges partial top-k lists of the same points (from different
+  block pairs or IVF partitions), dropping repeated neighbours;
+* `kmeans` / `nearest_centroids`: a small deterministic k-means for the IVF
+  partitions and the spatial shards.
+
+Top-k lists are (ids int64 [n, k], dists float32 [n, k]) sorted by (distance, id),
+padded with id -1 and distance +inf when fewer than k neighbours exist.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+METRICS = ("cosine", "sqeuclidean")
+PAD_ID = -1
+
+
+def normalise_rows(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit L2 norm (float64) and the original norms.
+
+    Rows of norm 0 stay 0 (callers reject them under cosine before this matters).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    safe = np.where(norms > 0, norms, 1.0)
+    return x / safe[:, None], norms
+
+
+def sq_norms(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    return np.einsum("ij,ij->i", x, x, dtype=np.float64 if x.dtype == np.float64 else np.float32)
+
+
+def pair_distances(a: np.ndarray, b: np.ndarray, metric: str, a_sq: Optional[np.ndarray] = None,
+                   b_sq: Optional[np.ndarray] = None) -> np.ndarray:
+    """Distances between the rows of `a` [n, d] and `b` [m, d] as float32 [n, m].
+
+    cosine: 1 - a.b (rows must already be unit vectors); sqeuclidean:
+    |a|^2 + |b|^2 - 2 a.b, clipped at 0 (cancellation can make it slightly negative).
+    """
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    dots = a @ b.T
+    if metric == "cosine":
+        out = 1.0 - dots
+    elif metric == "sqeuclidean":
+        a_sq = sq_norms(a) if a_sq is None else a_sq.astype(np.float32)
+        b_sq = sq_norms(b) if b_sq is None else b_sq.astype(np.float32)
+        out = a_sq[:, None] + b_sq[None, :] - 2.0 * dots
+    else:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    np.maximum(out, 0.0, out=out)
+    return out
+
+
+def _sorted_rows(ids: np.ndarray, dists: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row, the k smallest (dist, id) pairs in order; padded to k columns."""
+    n, m = ids.shape
+    if m > k:
+        # argpartition first (O(m)), then an exact ordering of the k+ survivors.
+        # Keeping every column tied with the k-th distance makes the id tie-break exact.
+        part = np.argpartition(dists, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(dists, part, axis=1).max(axis=1)
+        # Columns tied with a finite k-th distance (inf = padding: ties there do not matter).
+        tied = (dists < kth[:, None]) | ((dists == kth[:, None]) & np.isfinite(dists))
+        if int(tied.sum(axis=1).max()) > k:
+            width = int(tied.sum(axis=1).max())
+            sel = np.argsort(~tied, axis=1, kind="stable")[:, :width]
+            ids = np.take_along_axis(ids, sel, axis=1)
+            dists = np.where(np.take_along_axis(tied, sel, axis=1), np.take_along_axis(dists, sel, axis=1), np.inf)
+        else:
+            ids = np.take_along_axis(ids, part, axis=1)
+            dists = np.take_along_axis(dists, part, axis=1)
+    # Sort by (dist, id); padded entries (inf, -1) go last because of their inf.
+    id_key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
+    order = np.lexsort((id_key, dists), axis=-1)
+    ids = np.take_along_axis(ids, order, axis=1)[:, :k]
+    dists = np.take_along_axis(dists, order, axis=1)[:, :k]
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.concatenate([ids, np.full((n, pad), PAD_ID, np.int64)], axis=1)
+        dists = np.concatenate([dists, np.full((n, pad), np.inf, np.float32)], axis=1)
+    ids = np.where(np.isinf(dists), PAD_ID, ids)
+    return ids.astype(np.int64, copy=False), dists.astype(np.float32, copy=False)
+
+
+def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarray, k: int, metric: str,
+               max_dist: float = np.inf, chunk: int = 2048) -> Tuple[np.ndarray, np.ndarray]:
+    """For each row of `q`, its k nearest rows of `x` (never itself, matched by id).
+
+    Neighbours farther than `max_dist` (plus a float32 slack, `prune_tolerance`) are
+    dropped (padded), which equals taking the top-k and then cutting there.
+    """
+    n = q.shape[0]
+    out_ids = np.full((n, k), PAD_ID, np.int64)
+    out_d = np.full((n, k), np.inf, np.float32)
+    if n == 0 or x.shape[0] == 0:
+        return out_ids, out_d
+    x_sq = sq_norms(x.astype(np.float32)) if metric == "sqeuclidean" else None
+    x_ids = np.asarray(x_ids, np.int64)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        d = pair_distances(q[start:stop], x, metric, b_sq=x_sq)
+        d[q_ids[start:stop, None] == x_ids[None, :]] = np.inf
+        if np.isfinite(max_dist):
+            # float32 slack so no pair truly within max_dist is lost; callers
+            # recompute exact float64 linkages and cut exactly afterwards.
+            cut = max_dist + prune_tolerance(metric, max_dist)
+            if metric == "sqeuclidean":
+                q_sq = sq_norms(q[start:stop].astype(np.float32))
+                cut = cut + 1e-5 * (q_sq[:, None] + x_sq[None, :])
+            d[d > cut] = np.inf
+        ids = np.broadcast_to(x_ids, d.shape)
+        out_ids[start:stop], out_d[start:stop] = _sorted_rows(ids, d, k)
+    return out_ids, out_d
+
+
+def merge_topk(ids_parts: Sequence[np.ndarray], dist_parts: Sequence[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Merges top-k lists of the same rows; a neighbour seen twice counts once."""
+    ids = np.concatenate(ids_parts, axis=1)
+    dists = np.concatenate(dist_parts, axis=1).astype(np.float32, copy=False)
+    if len(ids_parts) > 1:
+        # Repeated neighbour ids in a row (IVF: a pair shares several partitions):
+        # keep one copy. Sorting by id puts repeats side by side.
+        order = np.argsort(ids, axis=1, kind="stable")
+        ids = np.take_along_axis(ids, order, axis=1)
+        dists = np.take_along_axis(dists, order, axis=1)
+        dup = np.zeros_like(ids, dtype=bool)
+        dup[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != PAD_ID)
+        dists = np.where(dup, np.inf, dists)
+        ids = np.where(dup, PAD_ID, ids)
+    return _sorted_rows(ids, dists, k)
+
+
+def brute_force_topk(x: np.ndarray, ids: np.ndarray, k: int, metric: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Reference: every point's k nearest others, from the full distance matrix."""
+    return block_topk(x, ids, x, ids, k, metric, chunk=max(1, x.shape[0]))
+
+
+def nearest_centroids(x: np.ndarray, centroids: np.ndarray, num: int, chunk: int = 8192) -> np.ndarray:
+    """Indices [n, num] of each row's `num` nearest centroids (squared Euclidean), nearest first."""
+    x = np.asarray(x, np.float32)
+    c = np.asarray(centroids, np.float32)
+    num = min(num, c.shape[0])
+    c_sq = sq_norms(c)
+    out = np.empty((x.shape[0], num), np.int64)
+    for start in range(0, x.shape[0], chunk):
+        # |x|^2 is constant per row: it does not change the ranking.
+        d = c_sq[None, :] - 2.0 * (x[start:start + chunk] @ c.T)
+        if num == 1:
+            out[start:start + chunk, 0] = np.argmin(d, axis=1)
+        else:
+            part = np.argpartition(d, num - 1, axis=1)[:, :num]
+            pd = np.take_along_axis(d, part, axis=1)
+            out[start:start + chunk] = np.take_along_axis(part, np.argsort(pd, axis=1, kind="stable"), axis=1)
+    return out
+
+
+def kmeans(x: np.ndarray, num_centroids: int, iterations: int = 10, seed: int = 0) -> np.ndarray:
+    """Lloyd's k-means (float32) with a seeded k-means++-lite start; deterministic.
+
+    The caller passes the sample in a canonical order (sorted by point id) so the
+    result does not depend on how the pool was sharded.
+    """
+    x = np.asarray(x, np.float32)
+    n = x.shape[0]
+    num_centroids = max(1, min(num_centroids, n))
+    rng = np.random.default_rng(seed)
+    centroids = x[np.sort(rng.choice(n, size=num_centroids, replace=False))].copy()
+    for _ in range(iterations):
+        assign = nearest_centroids(x, centroids, 1)[:, 0]
+        counts = np.bincount(assign, minlength=num_centroids)
+        sums = np.zeros_like(centroids, dtype=np.float64)
+        np.add.at(sums, assign, x)
+        nonempty = counts > 0
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
+        # An empty centroid restarts at the point farthest from its centroid.
+        if not nonempty.all():
+            d = sq_norms(x - centroids[assign])
+            far = np.argsort(-d, kind="stable")[: int((~nonempty).sum())]
+            centroids[~nonempty] = x[far]
+    return centroids
+
+
+def dense_to_edges(q_ids: np.ndarray, nb_ids: np.ndarray, nb_dists: np.ndarray):
+    """A padded top-k table as a sparse edge list (src, dst, dist) of its real entries."""
+    real = nb_ids >= 0
+    src = np.broadcast_to(np.asarray(q_ids, np.int64)[:, None], nb_ids.shape)[real]
+    return src, nb_ids[real], nb_dists[real]
+
+
+def topk_edges(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int):
+    """Per src, its k nearest distinct dst (ties by id) from an edge list with repeats.
+
+    A pair found in several block pairs / partitions appears more than once, maybe
+    with distances that differ in the last float32 bits; the smallest is kept.
+    """
+    if len(src) == 0:
+        return src.astype(np.int64), dst.astype(np.int64), dist.astype(np.float32)
+    order = np.lexsort((dist, dst, src))
+    src, dst, dist = src[order], dst[order], dist[order]
+    first = np.ones(len(src), bool)
+    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+    src, dst, dist = src[first], dst[first], dist[first]
+    order = np.lexsort((dst, dist, src))
+    src, dst, dist = src[order], dst[order], dist[order]
+    starts = np.ones(len(src), bool)
+    starts[1:] = src[1:] != src[:-1]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(len(src)), 0))
+    keep = (np.arange(len(src)) - group_start) < k
+    return src[keep], dst[keep], dist[keep]
+
+
+def prune_tolerance(metric: str, max_dist: float) -> float:
+    """Slack added to a float32 distance cut so no pair truly within `max_dist` is lost.
+
+    Distances here are float32 (relative error ~1e-6 of the squared norms); the
+    exact float64 linkage is recomputed afterwards and cut exactly.
+    """
+    return 1e-4 * max(1.0, abs(max_dist))
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean over rows of |approx & exact| / |exact| (padding ignored)."""
+    hits, total = 0, 0
+    for a, e in zip(approx_ids, exact_ids):
+        e = e[e >= 0]
+        if len(e) == 0:
+            continue
+        hits += len(np.intersect1d(a[a >= 0], e))
+        total += len(e)
+    return float(hits) / total if total else 1.0
