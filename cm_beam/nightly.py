@@ -1,0 +1,233 @@
+"""The nightly job's work directory: what is cached where, and when a cache is valid.
+
+`cm-nightly` runs the three stages (embed, cluster, select) against one work
+directory, which it owns:
+
+    <work_dir>/
+      embeddings/<key>/            cm-embed output; <key> = hash(pool fingerprint,
+                                   model sha256, embed parameters)
+      clusters/<pool_key>/<key>/   cm-cluster output for one pool (<pool_key> = hash
+                                   of the --pool pattern and format); <key> = hash(
+                                   embeddings key, cluster parameters)
+      batches/<batch_name>/        cm-select output: the batch sent to labelers
+      batches/<batch_name>/report/ the demo report (PNG plots), optional
+
+Every directory is complete exactly when it holds the stage's `manifest.json`
+(written last, only on success: `cm_beam.artifacts`). So:
+
+* embeddings are reused only when a complete directory exists for the same pool
+  content, the same model file and the same parameters, and its manifest agrees
+  (input_fingerprint and model_fingerprint), i.e. a rerun after a failure re-embeds
+  nothing, and a new model (every night) embeds again;
+* clusters are built once per pool (the pool's location, not its content: a pool
+  grows every day, and the examples missing from the clusters are singletons,
+  counted by cm-select) and reused until `--recluster`; the newest complete one wins;
+* a batch is complete when cm-select wrote its manifest; the nightly excludes every
+  other complete batch automatically (so no image is queued for labeling twice)
+  unless it was passed in an --exclude list (it is labeled then, and the labeled
+  list covers it). Incomplete batch directories (a run that died) are ignored and
+  overwritten by the rerun.
+
+No Beam pipeline here: only paths, hashes and manifests, via Beam's FileSystems
+(local and gs:// alike).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from apache_beam.io.filesystems import FileSystems
+
+from cm_beam import artifacts
+from cm_beam.errors import InputError
+
+EMBEDDINGS = "embeddings"
+CLUSTERS = "clusters"
+BATCHES = "batches"
+REPORT = "report"
+NIGHTLY_SUMMARY = "nightly.json"  # written into the batch directory after its manifest
+_BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def stable_hash(payload: Any, length: int = 16) -> str:
+    """A short hex digest of a JSON-serialisable payload (keys sorted)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
+
+
+def check_batch_name(name: str) -> str:
+    if not _BATCH_NAME.match(name or ""):
+        raise InputError(
+            f"--batch_name: {name!r} is not a valid name (letters, digits, '.', '_', '-'; "
+            "it becomes a directory name under <work_dir>/batches/)"
+        )
+    return name
+
+
+def _subdirs(directory: str) -> List[str]:
+    """Immediate subdirectories of `directory` (local or object store), sorted."""
+    if not FileSystems.exists(directory):
+        return []
+    pattern = FileSystems.join(directory, "*", artifacts.MANIFEST_NAME)
+    found = FileSystems.match([pattern])[0].metadata_list
+    dirs = {m.path[: -len(artifacts.MANIFEST_NAME)].rstrip("/") for m in found}
+    # Directories without a manifest are incomplete; callers that need them list them apart.
+    return sorted(dirs)
+
+
+def _all_subdirs(directory: str) -> List[str]:
+    if not FileSystems.exists(directory):
+        return []
+    found = FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list
+    return sorted(m.path.rstrip("/") for m in found)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompleteDir:
+    path: str
+    manifest: Dict[str, Any]
+
+    @property
+    def completed_at(self) -> str:
+        return str(self.manifest.get("completed_at", ""))
+
+
+class WorkDir:
+    """Paths and cache look-ups in one nightly work directory."""
+
+    def __init__(self, root: str):
+        if not root:
+            raise InputError("--work_dir: required")
+        self.root = root.rstrip("/") or root
+
+    # Embeddings ---------------------------------------------------------------
+    def embeddings_dir(self, key: str) -> str:
+        return artifacts.join(self.root, EMBEDDINGS, key)
+
+    def cached_embeddings(self, key: str, pool_sha256: str, model_sha256: str) -> Optional[CompleteDir]:
+        """The complete embeddings for `key`, if their manifest matches pool and model."""
+        directory = self.embeddings_dir(key)
+        manifest = artifacts.read_manifest(directory)
+        if manifest is None:
+            return None
+        pool_fp = (manifest.get("input_fingerprint") or {}).get("sha256")
+        if pool_fp != pool_sha256 or manifest.get("model_fingerprint") != model_sha256:
+            return None
+        return CompleteDir(directory, manifest)
+
+    # Clusters -----------------------------------------------------------------
+    def clusters_root(self, pool_key: str) -> str:
+        return artifacts.join(self.root, CLUSTERS, pool_key)
+
+    def clusters_dir(self, pool_key: str, key: str) -> str:
+        return artifacts.join(self.clusters_root(pool_key), key)
+
+    def complete_clusters(self, pool_key: str) -> List[CompleteDir]:
+        """Complete clusterings of this pool, oldest first (by completion time)."""
+        found = []
+        for directory in _subdirs(self.clusters_root(pool_key)):
+            manifest = artifacts.read_manifest(directory)
+            if manifest is not None:
+                found.append(CompleteDir(directory, manifest))
+        return sorted(found, key=lambda d: (d.completed_at, d.path))
+
+    # Batches ------------------------------------------------------------------
+    def batches_root(self) -> str:
+        return artifacts.join(self.root, BATCHES)
+
+    def batch_dir(self, name: str) -> str:
+        return artifacts.join(self.batches_root(), check_batch_name(name))
+
+    def complete_batches(self) -> List[CompleteDir]:
+        """Every batch whose cm-select manifest exists, by name."""
+        out = []
+        for directory in _subdirs(self.batches_root()):
+            manifest = artifacts.read_manifest(directory)
+            if manifest is not None and manifest.get("stage") == "select":
+                out.append(CompleteDir(directory, manifest))
+        return sorted(out, key=lambda d: d.path)
+
+    def incomplete_batches(self) -> List[str]:
+        complete = {d.path for d in self.complete_batches()}
+        return [d for d in _all_subdirs(self.batches_root()) if d not in complete]
+
+
+def batch_name_of(directory: str) -> str:
+    return directory.rstrip("/").rsplit("/", 1)[-1]
+
+
+def selection_glob(batch_dir: str) -> str:
+    return artifacts.join(batch_dir, "selection-*.parquet")
+
+
+def _normalise(path: str) -> str:
+    return path.rstrip("/").rstrip("*").rstrip("/")
+
+
+def pending_batches(work: WorkDir, current: str, exclude: Sequence[str]) -> List[CompleteDir]:
+    """Complete earlier batches that are not yet covered by an --exclude entry.
+
+    A batch counts as labeled (covered) when an --exclude glob names its directory
+    or its selection files; such a batch is excluded through that list already.
+    """
+    covered = set()
+    for pattern in exclude:
+        norm = _normalise(pattern)
+        covered.add(norm)
+        if norm.endswith("selection-"):
+            covered.add(norm.rsplit("/", 1)[0])
+    pending = []
+    for batch in work.complete_batches():
+        name = batch_name_of(batch.path)
+        if name == current:
+            continue
+        if _normalise(batch.path) in covered or _normalise(selection_glob(batch.path)) in covered:
+            continue
+        pending.append(batch)
+    return pending
+
+
+def pool_key(pool_pattern: str, pool_format: Optional[str]) -> str:
+    """Identity of a pool across nights: where it lives, not what it holds today."""
+    return stable_hash({"pool": pool_pattern.rstrip("/"), "format": pool_format or "auto"}, 12)
+
+
+def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
+    """{'batch_size': 10, 'multilabel': True, 'exclude': [a, b]} -> argparse-style argv.
+
+    None and False values are left out (the stage's default applies); lists repeat
+    the flag.
+    """
+    argv: List[str] = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                argv += [f"--{name}", str(item)]
+        else:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+def stage_beam_args(beam_args: Iterable[str], stage: str) -> List[str]:
+    """The Beam flags for one stage's job: a --job_name gets the stage as suffix.
+
+    Dataflow refuses two active jobs of one name; the three stages run one after
+    another, but distinct names keep their monitoring pages apart.
+    """
+    out, it = [], iter(beam_args)
+    for arg in it:
+        if arg == "--job_name":
+            out.append(f"--job_name={next(it, 'cm-nightly')}-{stage}")
+        elif arg.startswith("--job_name="):
+            out.append(f"{arg}-{stage}")
+        else:
+            out.append(arg)
+    return out
