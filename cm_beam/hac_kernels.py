@@ -308,3 +308,11 @@ def shard_of(ids: np.ndarray) -> np.ndarray:
 def public_labels(hashes: np.ndarray) -> np.ndarray:
     """The public cluster id of a singleton: its 64-bit id hash shifted to int64 >= 0."""
     return (np.asarray(hashes, np.uint64) >> np.uint64(1)).astype(np.int64)
+
+
+LOW_MASK = (1 << SHARD_SHIFT) - 1
+
+
+def hash_part(ids: np.ndarray) -> np.ndarray:
+    """The shard-independent part of internal ids (for matching points across shardings)."""
+    return np.asarray(ids, np.int64) & LOW_MASK

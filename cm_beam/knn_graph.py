@@ -31,7 +31,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from cm_beam import knn_kernels as kk
-from cm_beam.hac_kernels import shard_of
+from cm_beam.hac_kernels import hash_part, shard_of
 
 MODES = ("exact", "ivf")
 
@@ -155,12 +155,15 @@ def _ivf_partition_topk(kv, k, metric, max_dist, sample):
         vecs = np.concatenate([p["vecs"] for p in parts])
         nb, nd = kk.block_topk(vecs, ids, vecs, ids, k, metric)
         # Sample query rows keep their uncut lists for the recall estimate.
+        # Sample points are matched by the shard-independent part of their ids.
         if sample is not None and len(sample["ids"]):
-            pos = np.searchsorted(sample["ids"], ids)
+            low = hash_part(ids)
+            pos = np.searchsorted(sample["ids"], low)
             pos_c = np.minimum(pos, len(sample["ids"]) - 1)
-            hit = sample["ids"][pos_c] == ids
+            hit = sample["ids"][pos_c] == low
             if hit.any():
-                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb[hit], nd[hit]))
+                nb_low = np.where(nb[hit] >= 0, hash_part(nb[hit]), kk.PAD_ID)
+                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb_low, nd[hit]))
         if np.isfinite(max_dist):
             if metric == "sqeuclidean":
                 cut = _sq_cut(ids, kk.sq_norms(vecs), nb, max_dist, metric)
@@ -199,7 +202,7 @@ def _sample_exact_topk(kv, sample, k, metric):
         return
     with _Timer("knn_recall"):
         nb, nd = kk.block_topk(sample["vecs"].astype(np.float32), sample["ids"],
-                               block["vecs"].astype(np.float32, copy=False), block["ids"], k, metric)
+                               block["vecs"].astype(np.float32, copy=False), hash_part(block["ids"]), k, metric)
     yield np.arange(len(sample["ids"])), nb, nd
 
 
