@@ -56,6 +56,9 @@ DEMO_BATCH_SIZE = 200
 DEMO_SEED_SET = 300
 DEMO_DISTANCE_THRESHOLD = 0.05  # cosine; about 10 images per cluster on the demo pool, the paper's recipe
 
+EMBEDDING_SHARDS = "embeddings-*.parquet"
+CLUSTER_SHARDS = "clusters-*.parquet"  # not rejected-*.parquet, which sits beside them
+
 # Flags of cm-nightly that are forwarded to a stage under the same name.
 EMBED_FLAGS = ("pool_format", "image_size", "embedding_layer", "multilabel", "margin_reduce", "keep_probs",
                "inference_batch_size", "unsafe_model", "image_column", "image_key", "id_key")
@@ -253,7 +256,7 @@ def _cluster(args, work: nw.WorkDir, embeddings: nw.CompleteDir, beam_args, prog
         progress.end("cluster", begun, "cached", f"reusing {reuse.path} ({_cluster_counts_line(c)})",
                      output=reuse.path, counts=c)
         return reuse
-    argv = ["--embeddings", artifacts.join(embeddings.path, "embeddings-*.parquet"), "--output_dir", directory, "--overwrite"]
+    argv = ["--embeddings", artifacts.join(embeddings.path, EMBEDDING_SHARDS), "--output_dir", directory, "--overwrite"]
     argv += nw.flags_to_argv(flags) + list(args.cluster_arg) + nw.stage_beam_args(beam_args, "cluster")
     print(f"cm-nightly [{progress.index}/{progress.total}] cluster: running cm-cluster -> {directory}", file=sys.stderr, flush=True)
     manifest = _stage("cluster")(argv)
@@ -274,8 +277,8 @@ def _select(args, work: nw.WorkDir, embeddings, clusters, beam_args, progress: _
                                      f"{len(pending)} earlier batch(es) not yet labeled")
     flags = {k: getattr(args, k) for k in SELECT_FLAGS}
     excludes = list(args.exclude) + [nw.selection_glob(b.path) for b in pending]
-    argv = ["--scores", artifacts.join(embeddings.path, "embeddings-*.parquet"),
-            "--clusters", artifacts.join(clusters.path, "*.parquet"), "--output_dir", batch_dir, "--overwrite"]
+    argv = ["--scores", artifacts.join(embeddings.path, EMBEDDING_SHARDS),
+            "--clusters", artifacts.join(clusters.path, CLUSTER_SHARDS), "--output_dir", batch_dir, "--overwrite"]
     argv += nw.flags_to_argv(flags) + nw.flags_to_argv({"exclude": excludes, "multilabel": args.multilabel})
     if args.multilabel and args.margin_reduce:
         argv += ["--multilabel_reduce", args.margin_reduce]
@@ -308,6 +311,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f"(--replace_batch to recompute it, --batch_name for another)", file=sys.stderr)
         return summary
 
+    if args.distance_threshold is None and (args.recluster or not work.complete_clusters(nw.pool_key(args.pool, args.pool_format))):
+        raise InputError("--distance_threshold: required, since the work dir holds no clusters of this pool yet"
+                         + (" (--recluster)" if args.recluster else ""))
     progress = _Progress(total=4 if args.report else 3)
     embeddings = _embed(args, work, beam_args, progress)
     clusters = _cluster(args, work, embeddings, beam_args, progress)
@@ -333,8 +339,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         begun = progress.begin("report", "plotting margins, cluster sizes and the class mix")
         written = report.write_report(
             artifacts.join(batch_dir, nw.REPORT),
-            embeddings=artifacts.join(embeddings.path, "embeddings-*.parquet"),
-            clusters=artifacts.join(clusters.path, "*.parquet"),
+            embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
+            clusters=artifacts.join(clusters.path, CLUSTER_SHARDS),
             selection=nw.selection_glob(batch_dir),
             labels=demo["labels"] if demo else None,
         )
