@@ -27,7 +27,7 @@ _THREADS_SET = None
 
 
 def configure_threads(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
-    """Sets TensorFlow's thread pools for this process (0 = TensorFlow's default).
+    """Sets TensorFlow's thread pools (0 = TensorFlow's default) and GPU memory growth.
 
     Must run before the process's first TensorFlow op; later calls with a different
     setting are ignored with a warning (TensorFlow cannot change them once started).
@@ -36,9 +36,20 @@ def configure_threads(intra_op_threads: int = 0, inter_op_threads: int = 0) -> N
     """
     global _THREADS_SET
     wanted = (int(intra_op_threads), int(inter_op_threads))
-    if _THREADS_SET == wanted or wanted == (0, 0) and _THREADS_SET is None:
+    if _THREADS_SET == wanted:
         return
     import tensorflow as tf
+
+    # Several worker processes may share one GPU: each must take memory as it needs it,
+    # not all of it up front (TensorFlow's default).
+    try:
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except (RuntimeError, ValueError) as e:
+        _LOG.warning("cannot enable GPU memory growth: %s", e)
+    if wanted == (0, 0):
+        _THREADS_SET = wanted
+        return
 
     try:
         if wanted[0]:
