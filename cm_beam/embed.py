@@ -97,7 +97,7 @@ class _FetchAndDecode(beam.DoFn):
                 bad = np.flatnonzero(~ok)
                 self._rejected.inc(len(bad))
                 yield beam.pvalue.TaggedOutput(
-                    "rejected", _rejected(ids[bad].tolist(), uris[bad].tolist(), [errors[i] or reasons[i] for i in bad])
+                    "rejected", _rejected(ids[bad].tolist(), uris[bad].tolist(), [errors[i] or reasons[i] or "unknown error" for i in bad])
                 )
             if ok.any():
                 yield (ids[ok], uris[ok]), images

@@ -85,9 +85,10 @@ def _default_intra_op_threads(options) -> int:
     runner = (options.view_as(StandardOptions).runner or "").lower()
     if "direct" not in runner and "fnapi" not in runner:
         return 0
-    workers = options.view_as(DirectOptions).direct_num_workers or 1
-    if workers <= 1:
-        return 0
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or 1
+    if workers <= 1 or direct.direct_running_mode != "multi_processing":
+        return 0  # one process: TensorFlow's own pools already span the cores
     return max(1, (os.cpu_count() or 1) // workers)
 
 

@@ -180,3 +180,16 @@ def test_input_fingerprint_changes_with_content(tmp_path):
     assert first == image_sources.input_fingerprint(image_sources.inspect_pool(manifest))
     pq.write_table(pa.table({"example_id": ["a"], "uri": ["y.png"]}), manifest)
     assert image_sources.input_fingerprint(image_sources.inspect_pool(manifest))["sha256"] != first["sha256"]
+
+
+def test_null_and_duplicate_ids_fail_before_any_work(tmp_path):
+    a, b = str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"example_id": ["x", None], "uri": ["1.png", "2.png"]}), a)
+    with pytest.raises(InputError, match="a.parquet: example_id is null in row 1"):
+        image_sources.inspect_pool(a)
+    pq.write_table(pa.table({"example_id": ["x", "y"], "uri": ["1.png", "2.png"]}), a)
+    pq.write_table(pa.table({"example_id": ["z", "y"], "uri": ["3.png", "4.png"]}), b)
+    with pytest.raises(InputError, match="duplicate example_id 'y' in .*a.parquet, .*b.parquet"):
+        image_sources.inspect_pool(str(tmp_path / "*.parquet"))
+    pq.write_table(pa.table({"example_id": ["z", "w"], "uri": ["3.png", "4.png"]}), b)
+    assert image_sources.inspect_pool(str(tmp_path / "*.parquet")).num_rows == 4
