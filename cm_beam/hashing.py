@@ -34,11 +34,11 @@ def _seed_word(seed: int, salt: int) -> np.uint64:
     return _splitmix64(np.array([(int(seed) * 0x2545F4914F6CDD1D + salt) & _MASK64], dtype=np.uint64))[0]
 
 
-def hash_ids(ids, seed: int = 0, salt: int = 0) -> np.ndarray:
-    """Returns a uint64 hash per id; `ids` is a pyarrow string array or a sequence of str.
+def id_hash(ids) -> np.ndarray:
+    """Unseeded uint64 hash of each id (FNV-1a over UTF-8 bytes, splitmix64-finalised).
 
-    `salt` separates independent uses of the same seed (e.g. the tie-break order and
-    the within-cluster pick order must not be the same permutation).
+    `ids` is a pyarrow string array or a sequence of str. Compute it once per row and
+    derive every seeded hash from it with `derive`.
     """
     arr = ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())
     if isinstance(arr, pa.ChunkedArray):
@@ -50,21 +50,46 @@ def hash_ids(ids, seed: int = 0, salt: int = 0) -> np.ndarray:
     if arr.null_count:
         raise ValueError("example ids must not be null")
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] is not None else np.zeros(0, np.uint8)
-    starts = offsets[:-1]
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
     lengths = np.diff(offsets)
-    h = np.full(n, _FNV_OFFSET ^ _seed_word(seed, salt), dtype=np.uint64)
-    # Walk byte positions; rows shorter than the position drop out.  Ids are short
-    # (tens of bytes), so this is a few dozen vectorised passes.
-    order = np.argsort(-lengths, kind="stable")
-    sorted_len = lengths[order]
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    # Rows in chunks, longest first, bytes as a (rows x longest) matrix: at byte
+    # position p the rows still going are a prefix, so each pass is a slice, not a
+    # gather. Memory stays bounded by the chunk whatever the id lengths.
+    chunk = max(1, (1 << 24) // max(1, int(lengths.max())))
     with np.errstate(over="ignore"):
-        for pos in range(int(sorted_len[0]) if n else 0):
-            k = int(np.searchsorted(-sorted_len, -pos, side="left"))  # rows with len > pos
-            rows = order[:k]
-            b = data[starts[rows] + pos].astype(np.uint64)
-            h[rows] = (h[rows] ^ b) * _FNV_PRIME
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            order = lo + np.argsort(-lengths[lo:hi], kind="stable")
+            lens = lengths[order]
+            width = int(lens[0])
+            if width == 0:
+                continue
+            cols = np.arange(width)
+            idx = np.minimum(offsets[order][:, None] + cols[None, :], data.size - 1)
+            block = data[idx].astype(np.uint64)
+            active = np.searchsorted(-lens, -cols, side="left")  # rows with length > pos
+            hc = h[order]
+            for pos in range(width):
+                k = int(active[pos])
+                hc[:k] = (hc[:k] ^ block[:k, pos]) * _FNV_PRIME
+            h[order] = hc
     return _splitmix64(h ^ lengths.astype(np.uint64))
+
+
+def derive(base: np.ndarray, seed: int = 0, salt: int = 0) -> np.ndarray:
+    """A seeded hash from an `id_hash`: independent streams for each (seed, salt)."""
+    return _splitmix64(np.asarray(base, dtype=np.uint64) ^ _seed_word(seed, salt))
+
+
+def hash_ids(ids, seed: int = 0, salt: int = 0) -> np.ndarray:
+    """Returns a seeded uint64 hash per id: `derive(id_hash(ids), seed, salt)`.
+
+    `salt` separates independent uses of the same seed (e.g. the tie-break order and
+    the within-cluster pick order must not be the same permutation).
+    """
+    return derive(id_hash(ids), seed, salt)
 
 
 def hash_int64(values, seed: int = 0, salt: int = 0) -> np.ndarray:

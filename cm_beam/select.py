@@ -62,10 +62,6 @@ MAX_BUCKETS = 1024
 SAMPLE_PER_BUCKET = 64
 
 
-def _count_rows(batch: pa.RecordBatch) -> Dict[str, int]:
-    return {"rows": batch.num_rows}
-
-
 def _selection_stats(batch: pa.RecordBatch) -> Dict[str, int]:
     rounds = batch.column(SELECTION_SCHEMA.get_field_index("round")).to_numpy()
     cluster = batch.column(SELECTION_SCHEMA.get_field_index("cluster_id")).to_numpy()
@@ -76,6 +72,19 @@ def _selection_stats(batch: pa.RecordBatch) -> Dict[str, int]:
 def _pool_stats(batch: pa.RecordBatch) -> Dict[str, int]:
     unclustered = batch.column(impl.ELIGIBLE_SCHEMA.get_field_index("unclustered")).to_numpy(zero_copy_only=False)
     return {"candidates": batch.num_rows, "candidates_unclustered": int(unclustered.sum())}
+
+
+# Global combines run `without_defaults` (a default costs a stage of its own), so
+# their side inputs carry the value an empty input would have produced instead.
+# (Beam compares defaults with `!=`, so numpy arrays cannot be defaults: None stands
+# for an all-zero histogram and for "no splitters".)
+_EMPTY_HIST = None
+_NO_SPLITTERS = None
+_NO_OFFSETS = sk.BucketOffsets(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _singletons(pcolls, default):
+    return [AsSingleton(p, default_value=default) for p in pcolls]
 
 
 class _MergeStatsFn(impl.SumDictsFn):
@@ -153,7 +162,7 @@ class SelectBatch(beam.PTransform):
 
         scored = scores | "Score" >> beam.ParDo(
             impl.ScoreBlockFn(self.uncertainty, self.score_column, self.multilabel, self.multilabel_reduce, self.num_classes)
-        ).with_outputs(impl.ScoreBlockFn.REJECTED, main="scored")
+        ).with_outputs(impl.ScoreBlockFn.REJECTED, impl.ScoreBlockFn.STATS, main="scored")
 
         # Scores, clusters and exclusions meet in example_id-hash buckets.
         routed = [scored.scored | "RouteScores" >> beam.FlatMap(impl.route_by_id_hash, "scores", nj)]
@@ -171,86 +180,95 @@ class SelectBatch(beam.PTransform):
         )
         eligible = joined.eligible
 
-        # The margin-pool cut: radix selection of the k_m-th smallest order key.
+        # The margin-pool cut: radix selection of the k_m-th smallest order key. Each
+        # level's histogram is summed across workers; the state (the threshold's high
+        # digits) is refolded from the histograms wherever it is needed, which costs
+        # microseconds and saves a stage per level.
+        k_m = self.margin_pool_size
         keys = eligible | "OrderKeys" >> beam.Map(impl.keys_of)
-        state = pipeline | "RadixStart" >> beam.Create([sk.RadixState(k=self.margin_pool_size)])
+        hists = []
         for level in range(sk.RADIX_LEVELS):
             hist = (
                 keys
-                | f"RadixHistogram{level}" >> beam.Map(lambda k, st: sk.radix_histogram(k, st), AsSingleton(state))
-                | f"SumRadixHistogram{level}" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS))
+                | f"RadixHistogram{level}" >> beam.Map(impl.radix_histogram_at, k_m, *_singletons(hists, _EMPTY_HIST))
+                | f"SumRadixHistogram{level}" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
             )
-            state = state | f"RadixStep{level}" >> beam.Map(lambda st, h: sk.radix_step(h, st), AsSingleton(hist))
+            hists.append(hist)
+        radix = _singletons(hists, _EMPTY_HIST)
+        # M plus rows tied with its last key; the ties (rare: same score and same 32-bit
+        # hash) are settled by example_id on this small superset, not on the pool.
+        at_or_below = eligible | "AtOrBelowThreshold" >> beam.FlatMap(impl.at_or_below_threshold, k_m, *radix)
         chosen_ties = (
-            eligible
-            | "TiesAtThreshold" >> beam.FlatMap(impl.ties_at_threshold, AsSingleton(state))
-            | "CollectTies" >> beam.combiners.ToList()
-            | "ChooseTies" >> beam.Map(impl.chosen_ties, AsSingleton(state))
+            at_or_below
+            | "TiesAtThreshold" >> beam.FlatMap(impl.ties_at_threshold, k_m, *radix)
+            | "CollectTies" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
+            | "ChooseTies" >> beam.Map(impl.chosen_ties, k_m, *radix)
         )
-        margin_pool = eligible | "MarginPool" >> beam.FlatMap(
-            impl.filter_margin_pool, AsSingleton(state), AsSingleton(chosen_ties))
+        margin_pool = at_or_below | "MarginPool" >> beam.FlatMap(
+            impl.drop_unchosen_ties, AsSingleton(chosen_ties, default_value=[]), k_m, *radix)
 
         # The round-robin cut: layout in key-range buckets, then global ranks.
         sample_size = SAMPLE_PER_BUCKET * self.num_select_buckets
         splitters = (
             margin_pool
             | "SampleGroupKeys" >> beam.Map(impl.sample_group_keys, singletons, sample_size)
-            | "BottomK" >> beam.CombineGlobally(impl.BottomKFn(sample_size))
+            | "BottomK" >> beam.CombineGlobally(impl.BottomKFn(sample_size)).without_defaults()
             | "Splitters" >> beam.Map(sk.splitters_from_sample, self.num_select_buckets)
         )
         laid_out = (
             margin_pool
-            | "RouteByGroupKey" >> beam.FlatMap(impl.route_by_group_key, AsSingleton(splitters), singletons)
+            | "RouteByGroupKey" >> beam.FlatMap(
+                impl.route_by_group_key, AsSingleton(splitters, default_value=_NO_SPLITTERS), singletons)
             | "GroupByKeyRange" >> beam.GroupByKey()
             | "Layout" >> beam.ParDo(impl.LayoutBucketFn(singletons)).with_outputs(impl.LayoutBucketFn.SIZES, main="members")
         )
         offsets = (
             laid_out[impl.LayoutBucketFn.SIZES]
-            | "CollectSizeCounts" >> beam.CombineGlobally(impl.ConcatTriplesFn())
+            | "CollectSizeCounts" >> beam.CombineGlobally(impl.ConcatTriplesFn()).without_defaults()
             | "Offsets" >> beam.Map(lambda t: sk.BucketOffsets(*t))
         )
-        selection = laid_out.members | "RankAndCut" >> beam.FlatMap(impl.rank_and_cut, AsSingleton(offsets), self.batch_size)
+        selection = laid_out.members | "RankAndCut" >> beam.FlatMap(
+            impl.rank_and_cut, AsSingleton(offsets, default_value=_NO_OFFSETS), self.batch_size)
 
-        stats = self._stats(pipeline, scores, scored, joined, margin_pool, offsets, selection)
+        # One dict of counts from every stage, merged in a single combine.
+        counts = (
+            (
+                scored[impl.ScoreBlockFn.STATS],
+                joined[impl.JoinBucketFn.STATS],
+                margin_pool | "PoolCounts" >> beam.Map(_pool_stats),
+                selection | "SelectedCounts" >> beam.Map(_selection_stats),
+            )
+            | "FlattenCounts" >> beam.Flatten()
+            | "MergeCounts" >> beam.CombineGlobally(_MergeStatsFn()).without_defaults()
+        )
+        stats = pipeline | "StatsSeed" >> beam.Create([None]) | "AssembleStats" >> beam.Map(
+            self._assemble_stats, AsSingleton(counts, default_value={}),
+            AsSingleton(offsets, default_value=_NO_OFFSETS))
         return {"selection": selection, "rejected": scored[impl.ScoreBlockFn.REJECTED], "stats": stats}
 
-    def _stats(self, pipeline, scores, scored, joined, margin_pool, offsets, selection):
-        def total(pcoll, fn, label):
-            return pcoll | f"{label}Counts" >> beam.Map(fn) | f"{label}Sum" >> beam.CombineGlobally(_MergeStatsFn())
-
-        read = total(scores, _count_rows, "Read")
-        rejected = total(scored[impl.ScoreBlockFn.REJECTED], _count_rows, "Rejected")
-        join = joined[impl.JoinBucketFn.STATS] | "JoinStatsSum" >> beam.CombineGlobally(_MergeStatsFn())
-        pool = total(margin_pool, _pool_stats, "Pool")
-        chosen = total(selection, _selection_stats, "Selected")
-        params = {"batch_size": self.batch_size, "margin_pool_size": self.margin_pool_size, "strategy": self.strategy}
-
-        def assemble(_, read, rejected, join, pool, chosen, offsets):
-            hist = offsets.histogram
-            selected = chosen.get("selected", 0)
-            if hist.num_members != pool.get("candidates", 0):
-                raise AssertionError(f"internal: {hist.num_members} laid out, {pool.get('candidates', 0)} in the margin pool")
-            counts = {
-                "pool": read.get("rows", 0),
-                "rejected": rejected.get("rows", 0),
-                "excluded": join.get("excluded", 0),
-                "eligible": join.get("eligible", 0),
-                "unclustered_eligible": join.get("unclustered_eligible", 0),
-                "candidates": pool.get("candidates", 0),
-                "candidates_unclustered": pool.get("candidates_unclustered", 0),
-                "clusters_touched": hist.num_clusters if self.strategy == "cluster_margin" else None,
-                "selected": selected,
-                "selected_unclustered": chosen.get("selected_unclustered", 0),
-                "unclustered": pool.get("candidates_unclustered", 0),
-            }
-            return {
-                "counts": counts,
-                "rounds": chosen.get("max_round", -1) + 1,
-                "candidate_cluster_size_histogram": hist.as_dict() if self.strategy == "cluster_margin" else {},
-                "batch_smaller_than_requested": selected < params["batch_size"],
-                "effective": params,
-            }
-
-        return pipeline | "StatsSeed" >> beam.Create([None]) | "AssembleStats" >> beam.Map(
-            assemble, AsSingleton(read), AsSingleton(rejected), AsSingleton(join), AsSingleton(pool),
-            AsSingleton(chosen), AsSingleton(offsets))
+    def _assemble_stats(self, _, merged: Dict[str, int], offsets: sk.BucketOffsets) -> Dict:
+        hist = offsets.histogram
+        candidates = merged.get("candidates", 0)
+        if hist.num_members != candidates:
+            raise AssertionError(f"internal: {hist.num_members} rows laid out, {candidates} in the margin pool")
+        selected = merged.get("selected", 0)
+        cluster_margin = self.strategy == "cluster_margin"
+        counts = {
+            "pool": merged.get("pool", 0),
+            "rejected": merged.get("rejected", 0),
+            "excluded": merged.get("excluded", 0),
+            "eligible": merged.get("eligible", 0),
+            "unclustered_eligible": merged.get("unclustered_eligible", 0),
+            "candidates": candidates,
+            "candidates_unclustered": merged.get("candidates_unclustered", 0),
+            "clusters_touched": hist.num_clusters if cluster_margin else None,
+            "selected": selected,
+            "selected_unclustered": merged.get("selected_unclustered", 0),
+            "unclustered": merged.get("candidates_unclustered", 0),
+        }
+        return {
+            "counts": counts,
+            "rounds": merged.get("max_round", -1) + 1,
+            "candidate_cluster_size_histogram": hist.as_dict() if cluster_margin else {},
+            "batch_smaller_than_requested": selected < self.batch_size,
+        }

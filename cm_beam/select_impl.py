@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from cm_beam import selection_kernels as sk
 from cm_beam import uncertainty as unc
 from cm_beam.errors import InputError
-from cm_beam.hashing import hash_ids
+from cm_beam.hashing import derive, id_hash
 
 # Salts separate the independent uses of the seed (DESIGN.md: ties and picks are
 # different seeded permutations; join buckets and synthetic ids do not depend on it).
@@ -42,7 +42,9 @@ UNCLUSTERED_SALT = 4
 
 STRATEGIES = ("cluster_margin", "margin", "random")
 
-SCORED_SCHEMA = pa.schema([("example_id", pa.string()), ("score", pa.float32())])
+# `id_hash` is the unseeded hash of example_id, computed once and carried along:
+# every seeded hash (join bucket, tie-break, pick order) is derived from it.
+SCORED_SCHEMA = pa.schema([("example_id", pa.string()), ("score", pa.float32()), ("id_hash", pa.uint64())])
 REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("reason", pa.string())])
 ELIGIBLE_SCHEMA = pa.schema(
     [
@@ -90,9 +92,9 @@ def empty_batch(schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([pa.array([], f.type) for f in schema], schema=schema)
 
 
-def unclustered_ids(example_ids: pa.Array) -> np.ndarray:
+def unclustered_ids(base_hashes: np.ndarray) -> np.ndarray:
     """Synthetic cluster ids of examples with no cluster row: negative, one per example."""
-    h = hash_ids(example_ids, 0, UNCLUSTERED_SALT) >> np.uint64(2)
+    h = derive(base_hashes, 0, UNCLUSTERED_SALT) >> np.uint64(2)
     return -1 - h.astype(np.int64)
 
 
@@ -110,6 +112,7 @@ class ScoreBlockFn(beam.DoFn):
     """RecordBatch of scores rows -> RecordBatch(example_id, score); bad rows tagged 'rejected'."""
 
     REJECTED = "rejected"
+    STATS = "stats"
 
     def __init__(self, uncertainty: str, score_column: Optional[str], multilabel: bool = False,
                  multilabel_reduce: str = "min", num_classes: Optional[int] = None):
@@ -148,6 +151,7 @@ class ScoreBlockFn(beam.DoFn):
                 with np.errstate(invalid="ignore"):
                     scores[ok] = unc.score(probs, self._uncertainty, self._multilabel, self._reduce)
         rejected = np.array([r is not None for r in reasons], dtype=bool)
+        yield beam.pvalue.TaggedOutput(self.STATS, {"pool": n, "rejected": int(rejected.sum())})
         if rejected.any():
             idx = pa.array(np.flatnonzero(rejected))
             yield beam.pvalue.TaggedOutput(
@@ -156,8 +160,9 @@ class ScoreBlockFn(beam.DoFn):
             )
         keep = np.flatnonzero(~rejected)
         if keep.size:
+            kept = ids.take(pa.array(keep))
             yield pa.RecordBatch.from_arrays(
-                [ids.take(pa.array(keep)), pa.array(scores[keep].astype(np.float32))], schema=SCORED_SCHEMA
+                [kept, pa.array(scores[keep].astype(np.float32)), pa.array(id_hash(kept))], schema=SCORED_SCHEMA
             )
 
 
@@ -178,8 +183,12 @@ def split_by_bucket(batch: pa.RecordBatch, buckets: np.ndarray):
 
 
 def route_by_id_hash(batch: pa.RecordBatch, tag: str, num_buckets: int):
-    ids = batch.column(batch.schema.get_field_index("example_id"))
-    buckets = (hash_ids(ids, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
+    """Yields (bucket, (tag, sub-batch)): rows with the same example_id meet in one bucket."""
+    if "id_hash" in batch.schema.names:
+        base = batch.column(batch.schema.get_field_index("id_hash")).to_numpy()
+    else:
+        base = id_hash(batch.column(batch.schema.get_field_index("example_id")))
+    buckets = (derive(base, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
     for bucket, part in split_by_bucket(batch, buckets):
         yield bucket, (tag, part)
 
@@ -240,13 +249,14 @@ class JoinBucketFn(beam.DoFn):
         keep = np.flatnonzero(~excluded)
         kept_ids = ids.take(pa.array(keep))
         score = scores.column(1).to_numpy()[keep]
+        base = scores.column(2).to_numpy()[keep]
         unclustered = ~has_cluster[keep]
         cluster = cluster_of[keep]
         if unclustered.any():
-            cluster[unclustered] = unclustered_ids(kept_ids.filter(pa.array(unclustered)))
-        tie = hash_ids(kept_ids, self._seed, TIE_SALT)
+            cluster[unclustered] = unclustered_ids(base[unclustered])
+        tie = derive(base, self._seed, TIE_SALT)
         key = sk.order_key(priority_for(self._strategy, score, self._uncertainty), tie)
-        pick = hash_ids(kept_ids, self._seed, PICK_SALT)
+        pick = derive(base, self._seed, PICK_SALT)
         yield beam.pvalue.TaggedOutput(self.STATS, {
             "pool_valid": int(len(ids)),
             "excluded": int(excluded.sum()),
@@ -312,8 +322,27 @@ def keys_of(batch: pa.RecordBatch) -> np.ndarray:
     return batch.column(ELIGIBLE_SCHEMA.get_field_index("key")).to_numpy()
 
 
-def ties_at_threshold(batch: pa.RecordBatch, state: sk.RadixState):
+def radix_histogram_at(keys: np.ndarray, k: int, *histograms) -> np.ndarray:
+    """The next level's histogram, given the summed histograms of the levels before."""
+    return sk.radix_histogram(keys, sk.radix_state(k, histograms))
+
+
+def at_or_below_threshold(batch: pa.RecordBatch, k: int, *histograms):
+    """Rows whose key is <= the k_m-th smallest: M plus any rows tied with its last one."""
+    state = sk.radix_state(k, histograms)
+    if state.exhausted:
+        yield batch
+        return
+    mask = keys_of(batch) <= np.uint64(state.prefix)
+    if mask.all():
+        yield batch
+    elif mask.any():
+        yield batch.filter(pa.array(mask))
+
+
+def ties_at_threshold(batch: pa.RecordBatch, k: int, *histograms):
     """The example_ids whose key equals the threshold (only when the cut falls inside a tie)."""
+    state = sk.radix_state(k, histograms)
     if state.exhausted:
         return
     mask = keys_of(batch) == np.uint64(state.prefix)
@@ -321,23 +350,28 @@ def ties_at_threshold(batch: pa.RecordBatch, state: sk.RadixState):
         yield from batch.column(0).filter(pa.array(mask)).to_pylist()
 
 
-def chosen_ties(tied_ids: List[str], state: sk.RadixState) -> List[str]:
+def chosen_ties(tied_ids: List[str], k: int, *histograms) -> List[str]:
     """Of the rows tied at the threshold key, the `state.k` smallest example_ids."""
+    state = sk.radix_state(k, histograms)
     if state.exhausted:
         return []
     return sorted(tied_ids)[: state.k]
 
 
-def filter_margin_pool(batch: pa.RecordBatch, state: sk.RadixState, tie_ids: List[str]):
+def drop_unchosen_ties(batch: pa.RecordBatch, tie_ids: List[str], k: int, *histograms):
+    """M: rows below the threshold key, and the chosen ones at it."""
+    state = sk.radix_state(k, histograms)
     if state.exhausted:
         yield batch
         return
     keys = keys_of(batch)
     threshold = np.uint64(state.prefix)
-    mask = keys < threshold
     at = keys == threshold
-    if at.any() and tie_ids:
-        mask |= at & pc.is_in(batch.column(0), value_set=pa.array(tie_ids, pa.string())).to_numpy(zero_copy_only=False)
+    if not at.any():
+        yield batch
+        return
+    chosen = pc.is_in(batch.column(0), value_set=pa.array(tie_ids, pa.string())).to_numpy(zero_copy_only=False)
+    mask = (keys < threshold) | (at & chosen)
     if mask.all():
         yield batch
     elif mask.any():

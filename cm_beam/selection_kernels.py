@@ -33,7 +33,7 @@ never gather the candidates on one worker:
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -118,6 +118,14 @@ def radix_step(hist: np.ndarray, state: RadixState) -> RadixState:
         k=state.k - before,
         below=state.below + before,
     )
+
+
+def radix_state(k: int, histograms: Sequence[np.ndarray]) -> RadixState:
+    """The state after folding the summed histograms of the levels done so far."""
+    state = RadixState(k=k)
+    for hist in histograms:
+        state = radix_step(np.zeros(RADIX_BINS, dtype=np.int64) if hist is None else hist, state)
+    return state
 
 
 def kth_smallest_in_memory(keys: np.ndarray, k: int) -> RadixState:
@@ -308,6 +316,8 @@ def splitters_from_sample(sample_keys: np.ndarray, num_buckets: int) -> np.ndarr
 
 def bucket_of(keys: np.ndarray, splitters: np.ndarray) -> np.ndarray:
     """The key-range bucket of each key: equal keys always share a bucket."""
+    if splitters is None:
+        splitters = np.zeros(0, dtype=np.uint64)
     return np.searchsorted(splitters, np.asarray(keys, dtype=np.uint64), side="right").astype(np.int64)
 
 

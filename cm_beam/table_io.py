@@ -160,9 +160,9 @@ class ReadTableBlocks(beam.PTransform):
         columns, block_rows = self._columns, self._block_rows
         return (
             pbegin
+            # Create reshuffles its elements (when there are several), which spreads
+            # the row groups over workers before the reads.
             | "ListUnits" >> beam.Create(self._units)
-            # Spread row groups over workers before the (expensive) reads.
-            | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(read_unit, columns, block_rows).with_output_types(pa.RecordBatch)
         )
 

@@ -1,0 +1,108 @@
+"""Benchmark: cm-select (DirectRunner, 2 workers) against a plain in-memory numpy Cluster-Margin.
+
+A synthetic 1M-example pool with ~200K Zipf-sized clusters (ties in the margins),
+k_m = 300K, k_t = 100K. Both programs read the same Parquet pool and write their
+batch as Parquet; each run is a separate process, measured for wall time and peak
+RSS of its whole process tree. Runs alternate (numpy, beam, numpy, beam, ...) so
+that both see the same machine load; medians and their ratio are recorded in
+benchmarks/results/select.json, with the command, and the two batches are checked
+to be identical.
+
+    python benchmarks/select_bench.py [--repeats 3] [--n 1000000]
+"""
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from cm_beam import table_io  # noqa: E402
+from cm_beam.synthetic_pool import make_pool, write_sharded  # noqa: E402
+from measure import run_measured  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--num_clusters", type=int, default=230_000, help="Nominal clusters (about 218K used at 1M).")
+    p.add_argument("--batch_size", type=int, default=100_000)
+    p.add_argument("--margin_pool_size", type=int, default=300_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default=os.path.join(HERE, "data", "select"))
+    p.add_argument("--output", default=os.path.join(HERE, "results", "select.json"))
+    args = p.parse_args(argv)
+    command = "python benchmarks/select_bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+    pool_dir = os.path.join(args.workdir, "pool")
+    tables = make_pool(args.n, args.num_clusters, seed=0, zipf_a=0.5)
+    scores = write_sharded(tables["scores"], pool_dir, "scores", num_shards=8)
+    clusters = write_sharded(tables["clusters"], pool_dir, "clusters", num_shards=8)
+    n_clusters = int(np.unique(tables["clusters"].column("cluster_id").to_numpy()).size)
+    del tables
+
+    python = sys.executable
+    numpy_out = os.path.join(args.workdir, "numpy.parquet")
+    beam_out = os.path.join(args.workdir, "beam")
+    numpy_cmd = [python, os.path.join(HERE, "numpy_cluster_margin.py"), "--scores", scores, "--clusters", clusters,
+                 "--batch_size", str(args.batch_size), "--margin_pool_size", str(args.margin_pool_size), "--output", numpy_out]
+    beam_cmd = [python, "-m", "pipelines.select_batch", "--scores", scores, "--clusters", clusters,
+                "--batch_size", str(args.batch_size), "--margin_pool_size", str(args.margin_pool_size),
+                "--output_dir", beam_out, "--overwrite", "--runner=DirectRunner", "--direct_num_workers=2",
+                "--direct_running_mode=multi_processing"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    runs = {"numpy": [], "beam": []}
+    for i in range(args.repeats):
+        for name, cmd in (("numpy", numpy_cmd), ("beam", beam_cmd)):
+            r = run_measured(cmd, env=env, log_path=os.path.join(args.workdir, f"{name}-{i}.log"))
+            runs[name].append(r)
+            print(f"run {i} {name}: {r['wall_seconds']:.2f}s, peak {r['peak_rss_mb']:.0f} MB", flush=True)
+
+    ref = pq.read_table(numpy_out).sort_by("rank")
+    got = table_io.read_table(os.path.join(beam_out, "selection-*.parquet")).sort_by("rank")
+    identical = all(ref.column(c).to_pylist() == got.column(c).to_pylist()
+                    for c in ("example_id", "cluster_id", "round", "rank"))
+    manifest = json.load(open(os.path.join(beam_out, "manifest.json")))
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    result = {
+        "command": command,
+        "description": "cm-select (DirectRunner, 2 worker processes) vs an in-memory numpy Cluster-Margin, "
+                       "each end to end (read Parquet pool, select, write Parquet); runs alternate",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "pool": {"examples": args.n, "clusters": n_clusters, "margin_pool_size": args.margin_pool_size,
+                 "batch_size": args.batch_size},
+        "runs": runs,
+        "median_wall_seconds": {"numpy": med("numpy", "wall_seconds"), "beam": med("beam", "wall_seconds")},
+        "median_peak_rss_mb": {"numpy": med("numpy", "peak_rss_mb"), "beam": med("beam", "peak_rss_mb")},
+        "ratio_beam_over_numpy_wall": round(med("beam", "wall_seconds") / med("numpy", "wall_seconds"), 2),
+        "target_ratio": 5.0,
+        "batches_identical": identical,
+        "beam_manifest_counts": manifest["counts"],
+        "beam_rounds": manifest["rounds"],
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in ("median_wall_seconds", "median_peak_rss_mb",
+                                              "ratio_beam_over_numpy_wall", "batches_identical")}, indent=2))
+    if not identical:
+        sys.exit("the two batches differ")
+
+
+if __name__ == "__main__":
+    main()
