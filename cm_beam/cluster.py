@@ -160,9 +160,7 @@ def _prepare_vectors(vecs: np.ndarray, metric: str, mean: Optional[np.ndarray]) 
     Centring does not change squared Euclidean distances but keeps the sums-based
     linkage (q_A/|A| + q_B/|B| - 2 s_A.s_B/|A||B|) away from cancellation.
     """
-    if metric == "cosine":
-        return kk.normalise_rows(vecs)[0]
-    return np.asarray(vecs, np.float64) - mean[None, :]
+    return kk.prepared_vectors({"vecs": vecs, "normalise": metric == "cosine", "center": mean})
 
 
 # --- PoolStats: one global combine ----------------------------------------------
@@ -266,7 +264,8 @@ def _shard_points(block, plan, metric):
         labels = hk.public_labels(block["hashes"])
         for s in np.unique(shards):
             m = np.flatnonzero(shards == s)
-            yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": vecs[m]})
+            # Raw float32 rows travel; consumers prepare them (knn_kernels.prepared_vectors).
+            yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": block["vecs"][m]})
             yield beam.pvalue.TaggedOutput("names", (int(s), {"ids": ids[m], "names": block["names"].take(pa.array(m))}))
         buckets = (block["hashes"] % np.uint64(64)).astype(np.int64)
         for b in np.unique(buckets):
@@ -274,7 +273,7 @@ def _shard_points(block, plan, metric):
             yield beam.pvalue.TaggedOutput("dupcheck", (int(b), (block["hashes"][m], block["names"].take(pa.array(m)))))
 
 
-def _merge_points(kv):
+def _merge_points(kv, plan, metric):
     shard, parts = kv
     blocks = [p for _, p in parts]
     ids = np.concatenate([b["ids"] for b in blocks])
@@ -288,6 +287,8 @@ def _merge_points(kv):
         "ids": ids,
         "labels": np.concatenate([b["labels"] for b in blocks])[order],
         "vecs": np.concatenate([b["vecs"] for b in blocks])[order],
+        "normalise": metric == "cosine",
+        "center": plan["mean"],
     }
 
 
@@ -428,7 +429,7 @@ class BuildClusters(beam.PTransform):
         plan_si = beam.pvalue.AsSingleton(plan)
         pieces = valid.points | "ShardPoints" >> beam.FlatMap(_shard_points, plan_si, metric).with_outputs(
             "names", "dupcheck", main="points")
-        points = pieces.points | "GroupPoints" >> beam.GroupByKey() | "MergePoints" >> beam.Map(_merge_points)
+        points = pieces.points | "GroupPoints" >> beam.GroupByKey() | "MergePoints" >> beam.Map(_merge_points, plan_si, metric)
         checked = (pieces.dupcheck | "GroupIdHashes" >> beam.GroupByKey()
                    | "CheckUniqueIds" >> beam.Map(_check_unique))
 

@@ -39,6 +39,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from cm_beam import hac_kernels as hk
+from cm_beam import knn_kernels as kk
 from cm_beam.hac_kernels import Clusters, lookup, shard_of
 
 _EMPTY = np.zeros(0, np.int64)
@@ -111,7 +112,7 @@ def _initial_state(kv, metric):
         return []
     ids = np.concatenate([b["ids"] for b in blocks])
     labels = np.concatenate([b["labels"] for b in blocks])
-    vecs = np.concatenate([np.asarray(b["vecs"], np.float64) for b in blocks])
+    vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
     sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
     clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
     src = np.concatenate(srcs) if srcs else _EMPTY
@@ -346,7 +347,7 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
 class HacRounds(beam.PTransform):
     """Average-linkage HAC cut at eps over sharded points and candidate edges.
 
-    Input: a dict {"points": (shard, {"ids", "labels", "vecs"}),
+    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"}),
                    "edges":  (shard, {"src", "dst", ...})} of PCollections.
     Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
              "sizes": int64 arrays of final cluster sizes,

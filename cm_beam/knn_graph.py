@@ -1,7 +1,8 @@
 """The sharded k-nearest-neighbour graph as a Beam PTransform.
 
-Input: one block per spatial shard, `(shard, {"ids": int64 [m], "vecs": float [m, d]})`
-(vectors already L2-normalised for cosine, centred for sqeuclidean). Output: each
+Input: one block per spatial shard, `(shard, {"ids": int64 [m], "vecs": float32 [m, d],
+"normalise": bool, "center": float64 [d] or None})`: raw rows and how to prepare them
+(`knn_kernels.prepared_vectors`: L2-normalised for cosine, centred for sqeuclidean). Output: each
 point's k nearest neighbours as edge blocks keyed by the shard of the source point,
 `(shard, {"src", "dst", "dist"})`, optionally cut at `max_dist` (the clustering only
 needs candidates within eps: the top-k cut at eps equals the top-k of the points
@@ -112,7 +113,7 @@ def _exact_pairs(kv, num_shards):
 def _exact_pair_topk(kv, k, metric, max_dist):
     """Shard pair (i, j): i's rows against j's points and, for i != j, the reverse."""
     (i, j), parts = kv
-    blocks = dict(parts)
+    blocks = {s: dict(b, prep=kk.prepared_vectors(b, np.float32)) for s, b in parts}
     if i == j:
         directions = [(blocks[i], blocks[i])]
     elif i in blocks and j in blocks:
@@ -122,8 +123,7 @@ def _exact_pair_topk(kv, k, metric, max_dist):
     srcs, dsts, ds = [], [], []
     with _Timer("knn"):
         for a, b in directions:
-            nb, nd = kk.block_topk(a["vecs"].astype(np.float32, copy=False), a["ids"],
-                                   b["vecs"].astype(np.float32, copy=False), b["ids"], k, metric, max_dist)
+            nb, nd = kk.block_topk(a["prep"], a["ids"], b["prep"], b["ids"], k, metric, max_dist)
             s, t, dd = kk.dense_to_edges(a["ids"], nb, nd)
             srcs.append(s); dsts.append(t); ds.append(dd)
     return _split_by_shard(np.concatenate(srcs), np.concatenate(dsts), np.concatenate(ds))
@@ -132,7 +132,7 @@ def _exact_pair_topk(kv, k, metric, max_dist):
 def _ivf_assign(kv, centroids, num_probes):
     _, block = kv
     with _Timer("knn"):
-        vecs = block["vecs"].astype(np.float32, copy=False)
+        vecs = kk.prepared_vectors(block, np.float32)
         probes = kk.nearest_centroids(vecs, centroids, num_probes)
         part = probes.ravel()
         rows = np.repeat(np.arange(len(vecs)), probes.shape[1])
@@ -202,20 +202,23 @@ def _sample_exact_topk(kv, sample, k, metric):
         return
     with _Timer("knn_recall"):
         nb, nd = kk.block_topk(sample["vecs"].astype(np.float32), sample["ids"],
-                               block["vecs"].astype(np.float32, copy=False), hash_part(block["ids"]), k, metric)
+                               kk.prepared_vectors(block, np.float32), hash_part(block["ids"]), k, metric)
     yield np.arange(len(sample["ids"])), nb, nd
 
 
-def _recall(exact, approx):
+def _recall(exact, approx, max_dist):
     if exact is None or approx is None:
-        return {"recall_at_k": None, "recall_queries": 0}
-    rows_e, ids_e, _ = exact
+        return {"recall_at_k": None, "recall_within_eps": None, "recall_queries": 0}
+    rows_e, ids_e, d_e = exact
     rows_a, ids_a, _ = approx
     pos = np.searchsorted(rows_a, rows_e)
     pos_c = np.minimum(pos, max(len(rows_a) - 1, 0))
     found = rows_a[pos_c] == rows_e
     approx_rows = np.where(found[:, None], ids_a[pos_c], kk.PAD_ID)
-    return {"recall_at_k": kk.recall_at_k(approx_rows, ids_e), "recall_queries": int(len(rows_e))}
+    # Within eps: the neighbours that can be candidates at all (edges above eps are cut).
+    within = np.where(d_e <= max_dist, ids_e, kk.PAD_ID)
+    return {"recall_at_k": kk.recall_at_k(approx_rows, ids_e), "recall_within_eps": kk.recall_at_k(approx_rows, within),
+            "recall_queries": int(len(rows_e))}
 
 
 class KnnGraph(beam.PTransform):
@@ -274,7 +277,7 @@ class KnnGraph(beam.PTransform):
                 )
                 outputs["recall"] = (
                     exact
-                    | "Recall" >> beam.Map(_recall, beam.pvalue.AsSingleton(approx))
+                    | "Recall" >> beam.Map(_recall, beam.pvalue.AsSingleton(approx), max_dist)
                 )
         outputs["edges"] = (
             partial

@@ -244,3 +244,20 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
         hits += len(np.intersect1d(a[a >= 0], e))
         total += len(e)
     return float(hits) / total if total else 1.0
+
+
+def prepared_vectors(block, dtype=np.float64) -> np.ndarray:
+    """The vectors a point block stands for: raw float32 rows, L2-normalised
+    (cosine) or centred on the pool mean (sqeuclidean), computed in float64.
+
+    Blocks carry the raw rows (half the bytes of float64) plus how to prepare
+    them, so the kNN stage and the clustering derive bit-identical vectors.
+    """
+    raw = np.asarray(block["vecs"], np.float64)
+    if block.get("normalise"):
+        out = normalise_rows(raw)[0]
+    elif block.get("center") is not None:
+        out = raw - np.asarray(block["center"], np.float64)[None, :]
+    else:
+        out = raw
+    return out.astype(dtype, copy=False)

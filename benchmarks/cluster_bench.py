@@ -1,0 +1,280 @@
+"""Benchmark of cm-cluster (issue 3): quality against exact HAC, speed and memory at scale.
+
+(a) fashion: 20K Fashion-MNIST training images (Debian package dataset-fashion-mnist,
+    read from /usr/share/datasets/fashion-mnist; no download), PCA to 64 dims,
+    L2-normalised, cosine. At eps 0.1, 0.2, 0.3: ARI of cm-cluster (default flags, 2
+    workers) against exact HAC (fastcluster average linkage + fcluster 'distance'),
+    wall time and peak memory of both, and of sklearn's connectivity-constrained
+    average linkage on the same kNN graph (k = cm-cluster's default).
+(b) synthetic: clustered 64-d pools (Gaussian blobs around random unit directions,
+    ~10 points per cluster), 250K and 1M points: wall time, peak memory, rounds,
+    kNN recall, on the FnApiRunner ("DirectRunner") with 2 worker processes.
+
+Every measured run is a separate child process; peak memory is the largest sum of
+RSS over the child's whole process tree (Beam worker processes included), polled
+every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine):
+
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part fashion
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part synthetic --sizes 250000,1000000
+
+Results are merged into benchmarks/results/cluster.json (one key per part) with the
+exact command that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "cluster.json")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+WORKER_FLAGS = ["--runner=FnApiRunner", "--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+
+
+# --- data -------------------------------------------------------------------------
+
+def fashion_embeddings(n: int) -> np.ndarray:
+    """First n training images, PCA-64 (fit on them), L2-normalised, float32."""
+    path = os.path.join(FASHION_DIR, "train-images-idx3-ubyte.gz")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: apt-get install dataset-fashion-mnist")
+    with gzip.open(path) as f:
+        raw = f.read()
+    x = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 784)[:n].astype(np.float64) / 255.0
+    x -= x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    z = x @ vt[:64].T
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    return z.astype(np.float32)
+
+
+def synthetic_pool(n: int, d: int = 64, points_per_cluster: int = 10, noise: float = 0.03, seed: int = 0):
+    """Blobs around random unit directions: (float32 [n, d], true labels)."""
+    rng = np.random.default_rng(seed)
+    k = max(1, n // points_per_cluster)
+    centers = rng.normal(size=(k, d)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    labels = rng.integers(0, k, n)
+    x = np.empty((n, d), np.float32)
+    for start in range(0, n, 100_000):
+        sl = slice(start, min(n, start + 100_000))
+        x[sl] = centers[labels[sl]] + noise * rng.normal(size=(sl.stop - sl.start, d)).astype(np.float32)
+    return x, labels
+
+
+def write_pool(x: np.ndarray, directory: str, rows_per_file: int = 100_000) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(directory, exist_ok=True)
+    n, d = x.shape
+    for i, start in enumerate(range(0, n, rows_per_file)):
+        stop = min(n, start + rows_per_file)
+        ids = pa.array([f"img-{j:08d}" for j in range(start, stop)], pa.string())
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(x[start:stop].ravel(), pa.float32()), d)
+        emb = emb.cast(pa.list_(pa.float32()))
+        pq.write_table(pa.table({"example_id": ids, "embedding": emb}), os.path.join(directory, f"part-{i:05d}.parquet"),
+                       row_group_size=32_768)
+    return os.path.join(directory, "*.parquet")
+
+
+# --- measuring child processes ----------------------------------------------------------
+
+def measure(cmd, poll: float = 0.2):
+    """Runs cmd; returns (wall seconds, peak RSS of its process tree in bytes, stdout)."""
+    import psutil
+
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    out_chunks = []
+    while proc.poll() is None:
+        try:
+            procs = [ps] + ps.children(recursive=True)
+            rss = 0
+            for p in procs:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(poll)
+    out, err = proc.communicate()
+    wall = time.time() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
+    return wall, peak, out
+
+
+def child(code: str, *args):
+    """A python child process running `code` (a function of this module) on args."""
+    return [sys.executable, os.path.abspath(__file__), "--child", code] + [str(a) for a in args]
+
+
+# --- child entry points -----------------------------------------------------------
+
+def _child_fastcluster(emb_path, out_path, eps_list):
+    import fastcluster
+    from scipy.cluster.hierarchy import fcluster
+
+    z = np.load(emb_path)
+    t = time.time()
+    tree = fastcluster.linkage(z.astype(np.float64), method="average", metric="cosine")
+    linkage_seconds = time.time() - t
+    labels = {eps: fcluster(tree, float(eps), "distance").tolist() for eps in eps_list.split(",")}
+    json.dump({"linkage_seconds": linkage_seconds, "labels": labels}, open(out_path, "w"))
+
+
+def _child_sklearn(emb_path, out_path, eps, k):
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.neighbors import kneighbors_graph
+
+    z = np.load(emb_path)
+    t = time.time()
+    graph = kneighbors_graph(z, int(k), metric="cosine", include_self=False)
+    model = AgglomerativeClustering(n_clusters=None, distance_threshold=float(eps), linkage="average",
+                                    metric="cosine", connectivity=graph)
+    labels = model.fit_predict(z)
+    json.dump({"seconds": time.time() - t, "labels": labels.tolist()}, open(out_path, "w"))
+
+
+def _read_clusters(out_dir, n):
+    from cm_beam import table_io
+
+    t = table_io.read_table(os.path.join(out_dir, "clusters-*.parquet"))
+    ids = t.column("example_id").to_pylist()
+    cid = np.asarray(t.column("cluster_id").to_numpy())
+    labels = np.empty(n, np.int64)
+    labels[[int(i.split("-")[1]) for i in ids]] = cid
+    return labels
+
+
+def cm_cluster_cmd(pattern, out_dir, eps, extra=()):
+    return [sys.executable, "-m", "pipelines.build_clusters", "--embeddings", pattern, "--output_dir", out_dir,
+            "--overwrite", "--distance_threshold", str(eps)] + WORKER_FLAGS + list(extra)
+
+
+# --- parts -----------------------------------------------------------------------------
+
+def run_fashion(n: int, eps_list, workdir: str):
+    from sklearn.metrics import adjusted_rand_score
+
+    from cm_beam.cluster import DEFAULT_NUM_NEIGHBORS
+
+    z = fashion_embeddings(n)
+    emb_path = os.path.join(workdir, "fashion.npy")
+    np.save(emb_path, z)
+    pattern = write_pool(z, os.path.join(workdir, "fashion_pool"))
+    fc_out = os.path.join(workdir, "fastcluster.json")
+    fc_wall, fc_peak, _ = measure(child("fastcluster", emb_path, fc_out, ",".join(map(str, eps_list))))
+    fc = json.load(open(fc_out))
+    result = {"n": n, "dims": 64, "metric": "cosine",
+              "fastcluster": {"wall_seconds_process": round(fc_wall, 2), "linkage_seconds": round(fc["linkage_seconds"], 2),
+                              "peak_rss_mb": round(fc_peak / 2**20, 1)},
+              "per_eps": []}
+    for eps in eps_list:
+        ref = np.asarray(fc["labels"][str(eps)])
+        out_dir = os.path.join(workdir, f"cm_{eps}")
+        wall, peak, _ = measure(cm_cluster_cmd(pattern, out_dir, eps))
+        ours = _read_clusters(out_dir, n)
+        manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
+        sk_out = os.path.join(workdir, f"sk_{eps}.json")
+        sk_wall, sk_peak, _ = measure(child("sklearn", emb_path, sk_out, eps, DEFAULT_NUM_NEIGHBORS))
+        sk = json.load(open(sk_out))
+        row = {
+            "eps": eps,
+            "exact_clusters": int(len(np.unique(ref))),
+            "cm_cluster": {"ari": round(float(adjusted_rand_score(ref, ours)), 4), "clusters": int(len(np.unique(ours))),
+                           "wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1),
+                           "rounds": manifest["rounds"], "knn_mode": manifest["parameters"]["knn_mode_used"],
+                           "stage_seconds": manifest["timings"]["stage_seconds"]},
+            "sklearn_connectivity_average": {"ari": round(float(adjusted_rand_score(ref, sk["labels"])), 4),
+                                             "wall_seconds": round(sk_wall, 2), "fit_seconds": round(sk["seconds"], 2),
+                                             "peak_rss_mb": round(sk_peak / 2**20, 1), "k": DEFAULT_NUM_NEIGHBORS},
+        }
+        row["speedup_vs_fastcluster_process"] = round(fc_wall / wall, 2)
+        print(json.dumps(row), flush=True)
+        result["per_eps"].append(row)
+    return result
+
+
+def run_synthetic(sizes, eps: float, workdir: str, extra):
+    from sklearn.metrics import adjusted_rand_score
+
+    rows = []
+    for n in sizes:
+        x, truth = synthetic_pool(n)
+        pattern = write_pool(x, os.path.join(workdir, f"synthetic_{n}"))
+        del x
+        out_dir = os.path.join(workdir, f"cm_synth_{n}")
+        wall, peak, stdout = measure(cm_cluster_cmd(pattern, out_dir, eps, extra))
+        manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
+        ours = _read_clusters(out_dir, n)
+        row = {"n": n, "eps": eps, "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+               "rounds": manifest["rounds"], "beam_rounds": len(manifest["beam_rounds"]),
+               "inmemory_rounds": len(manifest["inmemory_rounds"]),
+               "knn_mode": manifest["parameters"]["knn_mode_used"],
+               "num_partitions": manifest["parameters"]["num_partitions_used"],
+               "knn_recall": manifest["knn_recall"], "clusters": manifest["clusters"],
+               "ari_vs_generating_blobs": round(float(adjusted_rand_score(truth, ours)), 4),
+               "pipeline_seconds": manifest["timings"]["pipeline_seconds"],
+               "stage_seconds": manifest["timings"]["stage_seconds"],
+               "per_round": manifest["beam_rounds"]}
+        print(json.dumps({k: v for k, v in row.items() if k != "per_round"}), flush=True)
+        rows.append(row)
+    out = {"runner": "FnApiRunner, 2 worker processes (multi_processing)", "rows": rows}
+    by_n = {r["n"]: r["wall_seconds"] for r in rows}
+    if 250_000 in by_n and 1_000_000 in by_n:
+        out["time_ratio_1M_over_250K"] = round(by_n[1_000_000] / by_n[250_000], 2)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("fashion", "synthetic"), required=True)
+    p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
+    p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
+    p.add_argument("--sizes", default="250000,1000000", help="Pool sizes (part synthetic).")
+    p.add_argument("--synthetic_eps", type=float, default=0.1, help="Threshold (part synthetic, cosine).")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--results", default=RESULTS)
+    args, extra = p.parse_known_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="cm_cluster_bench_")
+    command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if args.part == "fashion":
+        result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
+    else:
+        result = run_synthetic([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
+    result["command"] = command
+    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
+    results[args.part] = result
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("per_eps", "rows")}, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        {"fastcluster": _child_fastcluster, "sklearn": _child_sklearn}[sys.argv[2]](*sys.argv[3:])
+    else:
+        main()
