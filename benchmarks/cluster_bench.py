@@ -224,7 +224,12 @@ def run_synthetic(sizes, eps: float, workdir: str, extra):
         pattern = write_pool(x, os.path.join(workdir, f"synthetic_{n}"))
         del x
         out_dir = os.path.join(workdir, f"cm_synth_{n}")
-        wall, peak, stdout = measure(cm_cluster_cmd(pattern, out_dir, eps, extra))
+        try:
+            wall, peak, stdout = measure(cm_cluster_cmd(pattern, out_dir, eps, extra))
+        except RuntimeError as e:  # record the failure (e.g. out of memory) and go on
+            rows.append({"n": n, "eps": eps, "failed": str(e)[-2000:]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
         ours = _read_clusters(out_dir, n)
         row = {"n": n, "eps": eps, "wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
@@ -240,7 +245,7 @@ def run_synthetic(sizes, eps: float, workdir: str, extra):
         print(json.dumps({k: v for k, v in row.items() if k != "per_round"}), flush=True)
         rows.append(row)
     out = {"runner": "FnApiRunner, 2 worker processes (multi_processing)", "rows": rows}
-    by_n = {r["n"]: r["wall_seconds"] for r in rows}
+    by_n = {r["n"]: r["wall_seconds"] for r in rows if "wall_seconds" in r}
     if 250_000 in by_n and 1_000_000 in by_n:
         out["time_ratio_1M_over_250K"] = round(by_n[1_000_000] / by_n[250_000], 2)
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from typing import Dict, Optional, Sequence
@@ -115,8 +116,18 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), args.distance_threshold, args.metric)
 
     pipeline_start = time.time()
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    except InputError:
+        raise
+    except Exception as e:
+        # Bad rows found inside the pipeline (ragged or duplicate ids) reach us wrapped
+        # in the runner's error when workers are separate processes: unwrap them.
+        found = re.search(r"InputError: (--embeddings:.*?)(?: \[while running|\n|$)", str(e))
+        if found:
+            raise InputError(found.group(1)) from e
+        raise
     if state is not None and state != beam.runners.runner.PipelineState.DONE:
         raise RuntimeError(f"cm-cluster ended in state {state}, not DONE")
     pipeline_seconds = time.time() - pipeline_start

@@ -1,0 +1,94 @@
+"""cm_beam.hac_kernels against brute force and scipy's exact average-linkage HAC."""
+
+import numpy as np
+import pytest
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import cdist
+
+from cm_beam import hac_kernels as hk
+from cm_beam import knn_kernels as kk
+
+
+def _blobs(n=240, d=10, k=12, spread=0.35, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(k, d))
+    return centers[rng.integers(0, k, n)] + spread * rng.normal(size=(n, d))
+
+
+def _prepare(x, metric):
+    return kk.normalise_rows(x)[0] if metric == "cosine" else x - x.mean(axis=0)
+
+
+def same_partition(a, b) -> bool:
+    """Equal up to relabelling: the label pairs form a bijection."""
+    a, b = np.asarray(a), np.asarray(b)
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def gap_thresholds(merge_heights, targets):
+    """Each target moved to the middle of the gap between the merge heights around it,
+    so float rounding (ours vs scipy's) cannot put a merge on the other side."""
+    h = np.sort(merge_heights)
+    out = []
+    for t in targets:
+        i = np.searchsorted(h, t)
+        lo, hi = h[max(i - 1, 0)], h[min(i, len(h) - 1)]
+        out.append(float((lo + hi) / 2) if hi - lo > 1e-9 else float(t))
+    return out
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_linkage_from_sums_is_mean_pairwise_distance(metric):
+    x = _prepare(_blobs(60), metric)
+    a, b = x[:13], x[13:40]
+    got = hk.linkage_from_sums(metric, [len(a)], a.sum(0)[None], [(a * a).sum()],
+                               [len(b)], b.sum(0)[None], [(b * b).sum()])[0]
+    want = cdist(a, b, metric).mean()
+    assert abs(got - want) < 1e-12
+
+
+@pytest.mark.parametrize("metric,targets", [("cosine", (0.05, 0.15, 0.4)), ("sqeuclidean", (0.5, 2.0, 6.0))])
+def test_in_memory_rounds_equal_scipy_with_all_pairs(metric, targets):
+    x = _prepare(_blobs(), metric)
+    n = len(x)
+    z = linkage(x, "average", metric=metric)
+    ids = np.arange(n, dtype=np.int64) * 3 + 1
+    u, v = np.triu_indices(n, 1)
+    for eps in gap_thresholds(z[:, 2], targets):
+        ref = fcluster(z, eps, "distance")
+        c = hk.Clusters(ids.copy(), np.ones(n, np.int64), x.copy(), np.einsum("ij,ij->i", x, x), ids.copy())
+        final, (losers, winners), stats, _ = hk.hac_in_memory(c, ids[u], ids[v], eps, metric)
+        got = hk.resolve_parents(ids, losers, winners)
+        assert same_partition(got, ref), (metric, eps)
+        assert len(final) == len(np.unique(ref))
+        assert sorted(final.counts.tolist()) == sorted(np.bincount(ref)[1:].tolist())
+        assert sum(s.merges for s in stats) == n - len(final)
+
+
+def test_nearest_and_reciprocal_pairs_tie_break_by_id():
+    src = np.array([1, 1, 2, 2, 3, 3, 4])
+    dst = np.array([2, 3, 1, 3, 1, 2, 3])
+    link = np.array([0.1, 0.1, 0.1, 0.2, 0.1, 0.2, 0.5])
+    s, nn, l = hk.nearest_candidates(src, dst, link)
+    assert s.tolist() == [1, 2, 3, 4] and nn.tolist() == [2, 1, 1, 3]
+    w, lo = hk.reciprocal_pairs(s, nn)
+    assert w.tolist() == [1] and lo.tolist() == [2]
+
+
+def test_relabel_canonical_and_resolve():
+    u, v = hk.relabel_edges(np.array([5, 7, 9, 7]), np.array([7, 9, 5, 5]), np.array([7, 9]), np.array([5, 5]))
+    assert u.tolist() == [] and v.tolist() == []  # all collapse to self-loops on 5
+    u, v = hk.relabel_edges(np.array([5, 8, 3]), np.array([8, 9, 9]), np.array([9]), np.array([3]))
+    assert list(zip(u.tolist(), v.tolist())) == [(3, 8), (5, 8)]
+    # chains: 9 -> 7 -> 2, 4 -> 2
+    got = hk.resolve_parents(np.array([9, 7, 4, 2, 11]), np.array([9, 7, 4]), np.array([7, 2, 2]))
+    assert got.tolist() == [2, 2, 2, 2, 11]
+
+
+def test_ids_and_histogram():
+    h = np.array([2**64 - 1, 12345, 0], dtype=np.uint64)
+    ids = hk.make_ids(np.array([5, 0, hk.MAX_SHARDS - 1]), h)
+    assert (ids >= 0).all() and hk.shard_of(ids).tolist() == [5, 0, hk.MAX_SHARDS - 1]
+    assert (hk.public_labels(h) >= 0).all()
+    assert hk.size_histogram(np.array([1, 1, 2, 3, 4, 5, 9])) == {"1": 2, "2": 1, "3-4": 2, "5-8": 1, "9-16": 1}

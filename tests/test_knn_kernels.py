@@ -1,0 +1,108 @@
+"""cm_beam.knn_kernels against brute force (scipy cdist, full sorts)."""
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from cm_beam import knn_kernels as kk
+
+
+def _points(n=300, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, d))
+    return (centers[rng.integers(0, 8, n)] + 0.4 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+def _naive_topk(x, ids, k, metric):
+    """Per row: sort all other points by (distance, id) with float64 cdist."""
+    xx = x.astype(np.float64)
+    dist = cdist(xx, xx, "sqeuclidean" if metric == "sqeuclidean" else "cosine")
+    out = []
+    for i in range(len(x)):
+        cand = [(dist[i, j], ids[j]) for j in range(len(x)) if j != i]
+        cand.sort()
+        out.append([c[1] for c in cand[:k]])
+    return np.array(out), dist
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_pair_distances_match_cdist(metric):
+    x = _points()
+    if metric == "cosine":
+        x = kk.normalise_rows(x)[0].astype(np.float32)
+    got = kk.pair_distances(x[:50], x[50:120], metric)
+    want = cdist(x[:50].astype(np.float64), x[50:120].astype(np.float64), metric)
+    np.testing.assert_allclose(got, want, atol=2e-5 * max(1.0, want.max()))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "sqeuclidean"])
+def test_block_topk_equals_brute_force(metric):
+    x = _points()
+    if metric == "cosine":
+        x = kk.normalise_rows(x)[0].astype(np.float32)
+    ids = np.arange(1000, 1000 + len(x), dtype=np.int64)
+    want, dist = _naive_topk(x, ids, 10, metric)
+    got_ids, got_d = kk.block_topk(x, ids, x, ids, 10, metric, chunk=64)
+    # Same neighbour sets (float32 vs float64 can swap exact near-ties only).
+    agree = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got_ids, want)])
+    assert agree > 0.995
+    assert (got_ids != ids[:, None]).all()  # never itself
+    assert np.all(np.diff(got_d, axis=1) >= 0)  # sorted
+
+
+def test_block_topk_cut_pads_and_keeps_within():
+    x = kk.normalise_rows(_points())[0].astype(np.float32)
+    ids = np.arange(len(x), dtype=np.int64)
+    full_ids, full_d = kk.block_topk(x, ids, x, ids, 20, "cosine")
+    cut_ids, cut_d = kk.block_topk(x, ids, x, ids, 20, "cosine", max_dist=0.05)
+    within = full_d <= 0.05
+    # Every neighbour truly within the cut survives; padding is (-1, inf).
+    assert np.array_equal(np.where(within, full_ids, -1)[within], cut_ids[within])
+    assert np.all((cut_ids == -1) == np.isinf(cut_d))
+    assert np.all(cut_d[np.isfinite(cut_d)] <= 0.05 + kk.prune_tolerance("cosine", 0.05))
+
+
+def test_merge_topk_of_column_split_equals_whole():
+    x = _points(seed=3)
+    ids = np.arange(len(x), dtype=np.int64) * 7
+    whole_ids, whole_d = kk.block_topk(x, ids, x, ids, 15, "sqeuclidean")
+    parts = [kk.block_topk(x, ids, x[s], ids[s], 15, "sqeuclidean") for s in (slice(0, 100), slice(100, 220), slice(220, None))]
+    # Overlapping parts (a neighbour seen twice) must count once.
+    parts.append(kk.block_topk(x, ids, x[50:150], ids[50:150], 15, "sqeuclidean"))
+    got_ids, got_d = kk.merge_topk([p[0] for p in parts], [p[1] for p in parts], 15)
+    assert np.array_equal(got_ids, whole_ids)
+    np.testing.assert_allclose(got_d, whole_d, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_edges_dedupes_and_limits():
+    src = np.array([1, 1, 1, 1, 2, 2, 1])
+    dst = np.array([5, 6, 7, 5, 9, 8, 8])
+    dist = np.array([0.3, 0.1, 0.2, 0.25, 0.5, 0.5, 0.4], np.float32)
+    s, t, d = kk.topk_edges(src, dst, dist, 3)
+    assert s.tolist() == [1, 1, 1, 2, 2]
+    assert t.tolist() == [6, 7, 5, 8, 9]  # 5 keeps its smaller distance; ties by id
+    np.testing.assert_allclose(d, [0.1, 0.2, 0.25, 0.5, 0.5])
+
+
+def test_nearest_centroids_and_kmeans_deterministic():
+    x = _points(500, seed=5)
+    c1 = kk.kmeans(x, 8, 5, seed=1)
+    c2 = kk.kmeans(x.copy(), 8, 5, seed=1)
+    assert np.array_equal(c1, c2)
+    near = kk.nearest_centroids(x, c1, 3)
+    brute = np.argsort(cdist(x, c1, "sqeuclidean"), axis=1, kind="stable")[:, :3]
+    assert (near[:, 0] == brute[:, 0]).mean() > 0.99
+    # k-means beats its own start: inertia lower than random centres from the data.
+    inertia = cdist(x, c1, "sqeuclidean").min(axis=1).sum()
+    rand = cdist(x, x[:8], "sqeuclidean").min(axis=1).sum()
+    assert inertia < rand
+
+
+def test_prepared_vectors_and_recall():
+    x = _points(20)
+    unit = kk.prepared_vectors({"vecs": x, "normalise": True})
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-12)
+    mean = x.astype(np.float64).mean(axis=0)
+    centred = kk.prepared_vectors({"vecs": x, "normalise": False, "center": mean})
+    np.testing.assert_allclose(centred.mean(axis=0), 0.0, atol=1e-6)
+    assert kk.recall_at_k(np.array([[1, 2, -1]]), np.array([[2, 3, -1]])) == 0.5
