@@ -334,3 +334,21 @@ def test_embed_and_score_transform_in_process(models, images, manifest_pool):
         assert_that(ids, equal_to(sorted(good)), label="AllGood")
         bad_ids = results["rejected"] | "BadIds" >> beam.FlatMap(lambda b: b.column("example_id").to_pylist())
         assert_that(bad_ids, equal_to(sorted(set(bad) | {"bad-missing"})), label="AllBad")
+
+
+def test_model_is_loaded_once_per_worker_process(tmp_path, monkeypatch, models, manifest_pool):
+    """Many blocks, one load: the model is loaded in RunInference's setup (Beam's per-process
+    shared cache), never per block or per model call."""
+    from cm_beam import keras_model_handler
+
+    loads = []
+    original = keras_model_handler.KerasModelHandler.load_model
+
+    def counting_load(self):
+        loads.append(os.getpid())
+        return original(self)
+
+    monkeypatch.setattr(keras_model_handler.KerasModelHandler, "load_model", counting_load)
+    summary = _run(manifest_pool, models["classifier"], tmp_path / "out", "--inference_batch_size", "2")
+    assert summary["counts"]["embedded"] >= 10 * 2  # at least ten model calls
+    assert loads == [os.getpid()]  # in-process runner: this process, once
