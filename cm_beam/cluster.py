@@ -265,7 +265,8 @@ def _shard_points(block, plan, metric):
         for s in np.unique(shards):
             m = np.flatnonzero(shards == s)
             # Raw float32 rows travel; consumers prepare them (knn_kernels.prepared_vectors).
-            yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": block["vecs"][m]})
+            yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": block["vecs"][m],
+                                      "names": block["names"].take(pa.array(m))})
             yield beam.pvalue.TaggedOutput("names", (int(s), {"ids": ids[m], "names": block["names"].take(pa.array(m))}))
         buckets = (block["hashes"] % np.uint64(64)).astype(np.int64)
         for b in np.unique(buckets):
@@ -280,9 +281,14 @@ def _merge_points(kv, plan, metric):
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
     if len(ids) > 1 and (ids[1:] == ids[:-1]).any():
-        # Same 53-bit hash in one shard: a duplicate id (reported by CheckUniqueIds,
-        # which names it) or, with odds ~n^2/2^60, a hash collision.
-        raise InputError("--embeddings: two rows share an example_id hash (duplicate example_id?)")
+        # Same id in one shard: a duplicate example_id with the same embedding (other
+        # duplicates are caught by CheckUniqueIds) or, odds ~m^2/2^54, a hash collision.
+        names = pa.concat_arrays([b["names"] for b in blocks]).take(pa.array(order))
+        i = int(np.flatnonzero(ids[1:] == ids[:-1])[0])
+        a, b = names[i].as_py(), names[i + 1].as_py()
+        if a == b:
+            raise InputError(f"--embeddings: duplicate example_id {a!r}: every example_id must appear once")
+        raise RuntimeError(f"53-bit id hash collision between example_ids {a!r} and {b!r} in shard {shard}")
     return shard, {
         "ids": ids,
         "labels": np.concatenate([b["labels"] for b in blocks])[order],
@@ -381,6 +387,9 @@ class BuildClusters(beam.PTransform):
       "summary":  one dict (see the manifest in README: n, clusters, size_histogram,
                   rounds, per-round merges/active clusters, knn_recall, input_fingerprint).
 
+    `max_points`, when the caller knows an upper bound on the pool size, lets small
+    pools skip the unrolled distributed rounds (n * k <= max_inmemory_edges).
+
     Example:
         out = batches | BuildClusters(distance_threshold=0.2)
         out["clusters"] | WriteTableBlocks(prefix, CLUSTERS_SCHEMA)
@@ -391,7 +400,7 @@ class BuildClusters(beam.PTransform):
                  exact_max_points: int = DEFAULT_EXACT_MAX_POINTS, num_partitions: int = 0,
                  num_probes: int = DEFAULT_NUM_PROBES, num_shards: int = DEFAULT_NUM_SHARDS,
                  max_rounds: int = DEFAULT_MAX_ROUNDS, max_inmemory_edges: int = DEFAULT_MAX_INMEMORY_EDGES,
-                 seed: int = 0):
+                 seed: int = 0, max_points: Optional[int] = None):
         super().__init__()
         if not (isinstance(distance_threshold, (int, float)) and np.isfinite(distance_threshold) and distance_threshold > 0):
             raise InputError(f"--distance_threshold must be a finite number > 0, got {distance_threshold!r}")
@@ -411,6 +420,12 @@ class BuildClusters(beam.PTransform):
             raise InputError(f"--num_shards must be <= {hk.MAX_SHARDS}, got {num_shards}")
         if num_partitions and num_probes > num_partitions:
             raise InputError(f"--num_probes ({num_probes}) must be <= --num_partitions ({num_partitions})")
+        # A known bound on the pool (e.g. from file metadata) can rule distributed
+        # rounds out: the kNN graph has at most n * k edges. Not unrolling them saves
+        # the fixed cost of ~6 empty stages per round on small pools.
+        self._unrolled_rounds = max_rounds
+        if max_points is not None and max_points * num_neighbors <= max_inmemory_edges:
+            self._unrolled_rounds = 0
         self.params = {
             "distance_threshold": float(distance_threshold), "metric": metric, "num_neighbors": int(num_neighbors),
             "knn_mode": knn_mode, "exact_max_points": int(exact_max_points), "num_partitions": int(num_partitions),
@@ -444,7 +459,7 @@ class BuildClusters(beam.PTransform):
         edges = (exact["edges"], ivf["edges"]) | "FlattenEdges" >> beam.Flatten()
 
         hac = {"points": points, "edges": edges} | "Hac" >> HacRounds(
-            eps, metric, p["max_rounds"], p["max_inmemory_edges"])
+            eps, metric, self._unrolled_rounds, p["max_inmemory_edges"])
 
         clusters = (
             (hac["assignments"] | "TagAssigned" >> beam.Map(lambda kv: (kv[0], ("assigned", kv[1]))),

@@ -101,6 +101,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         max_inmemory_edges=args.max_inmemory_edges, seed=args.seed)
     # Everything that can fail on bad input is checked before any work is done.
     files = table_io.inspect_inputs([args.embeddings], "--embeddings", {"example_id": "id", "embedding": "vector"})
+    transform = cl.BuildClusters(**{k: v for k, v in transform.params.items()
+                                    if k not in ()}, max_points=sum(f.num_rows for f in files))
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
