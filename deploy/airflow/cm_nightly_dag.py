@@ -14,9 +14,10 @@ Settings are Airflow Variables (Admin -> Variables), read when the task runs:
     cm_nightly_project, cm_nightly_region, cm_nightly_temp_location,
     cm_nightly_sdk_container_image. The worker's `python3` must have cm-beam installed.
 
-Requirements on the Airflow side: apache-airflow-providers-apache-beam; for
-DataflowRunner also apache-airflow-providers-google (job monitoring and the
-`google_cloud_default` connection).
+Requirements on the Airflow side: apache-airflow-providers-apache-beam and
+apache-airflow-providers-google (the Beam operator refuses to be built without it,
+whatever the runner; it monitors the Dataflow jobs through `google_cloud_default`).
+Cloud Composer ships both.
 
 Drop this file into the DAGs folder. Airflow 3 (airflow.sdk) and Airflow 2.x both load it.
 """
