@@ -426,6 +426,10 @@ class BuildClusters(beam.PTransform):
         self._unrolled_rounds = max_rounds
         if max_points is not None and max_points * num_neighbors <= max_inmemory_edges:
             self._unrolled_rounds = 0
+        # The kNN mode is fixed when the graph is built if it can be (explicit, or auto
+        # with a known pool size); otherwise both branches exist and Plan picks one.
+        self._static_mode = knn_mode if knn_mode != "auto" else (
+            None if max_points is None else ("exact" if max_points <= exact_max_points else "ivf"))
         self.params = {
             "distance_threshold": float(distance_threshold), "metric": metric, "num_neighbors": int(num_neighbors),
             "knn_mode": knn_mode, "exact_max_points": int(exact_max_points), "num_partitions": int(num_partitions),
@@ -439,8 +443,8 @@ class BuildClusters(beam.PTransform):
         valid = batches | "Validate" >> beam.ParDo(_Validate(metric)).with_outputs("rejected", main="points")
         stats = valid.points | "PoolStats" >> beam.CombineGlobally(_PoolStats(metric, SAMPLE_SIZE))
         plan = stats | "Plan" >> beam.Map(
-            _plan, metric, p["knn_mode"], p["exact_max_points"], p["num_shards"], p["num_partitions"],
-            p["num_probes"], p["seed"])
+            _plan, metric, self._static_mode or p["knn_mode"], p["exact_max_points"], p["num_shards"],
+            p["num_partitions"], p["num_probes"], p["seed"])
         plan_si = beam.pvalue.AsSingleton(plan)
         pieces = valid.points | "ShardPoints" >> beam.FlatMap(_shard_points, plan_si, metric).with_outputs(
             "names", "dupcheck", main="points")
@@ -448,15 +452,22 @@ class BuildClusters(beam.PTransform):
         checked = (pieces.dupcheck | "GroupIdHashes" >> beam.GroupByKey()
                    | "CheckUniqueIds" >> beam.Map(_check_unique))
 
-        exact_points = points | "ExactOnly" >> beam.Filter(lambda kv, pl: pl["mode"] == "exact", plan_si)
-        ivf_points = points | "IvfOnly" >> beam.Filter(lambda kv, pl: pl["mode"] == "ivf", plan_si)
-        exact = exact_points | "ExactKnn" >> KnnGraph(
-            p["num_neighbors"], metric, "exact", p["num_shards"], max_dist=eps)
-        ivf = ivf_points | "IvfKnn" >> KnnGraph(
-            p["num_neighbors"], metric, "ivf", p["num_shards"], p["num_probes"], max_dist=eps,
-            centroids=beam.pvalue.AsSingleton(plan | "IvfCentroids" >> beam.Map(lambda pl: pl["ivf_centroids"])),
-            sample=beam.pvalue.AsSingleton(plan | "RecallSample" >> beam.Map(lambda pl: pl["sample"])))
-        edges = (exact["edges"], ivf["edges"]) | "FlattenEdges" >> beam.Flatten()
+        edge_parts, recall = [], []
+        if self._static_mode in (None, "exact"):
+            exact_points = points | "ExactOnly" >> beam.Filter(lambda kv, pl: pl["mode"] == "exact", plan_si)
+            exact = exact_points | "ExactKnn" >> KnnGraph(
+                p["num_neighbors"], metric, "exact", p["num_shards"], max_dist=eps)
+            edge_parts.append(exact["edges"])
+        if self._static_mode in (None, "ivf"):
+            ivf_points = points | "IvfOnly" >> beam.Filter(lambda kv, pl: pl["mode"] == "ivf", plan_si)
+            ivf = ivf_points | "IvfKnn" >> KnnGraph(
+                p["num_neighbors"], metric, "ivf", p["num_shards"], p["num_probes"], max_dist=eps,
+                centroids=beam.pvalue.AsSingleton(plan | "IvfCentroids" >> beam.Map(lambda pl: pl["ivf_centroids"])),
+                sample=beam.pvalue.AsSingleton(plan | "RecallSample" >> beam.Map(lambda pl: pl["sample"])))
+            edge_parts.append(ivf["edges"])
+            recall = [ivf["recall"]]
+        edges = edge_parts | "FlattenEdges" >> beam.Flatten()
+        recall = recall[0] if recall else batches.pipeline | "NoRecall" >> beam.Create([])
 
         hac = {"points": points, "edges": edges} | "Hac" >> HacRounds(
             eps, metric, self._unrolled_rounds, p["max_inmemory_edges"])
@@ -480,7 +491,7 @@ class BuildClusters(beam.PTransform):
                 _summary, plan_si,
                 beam.pvalue.AsList(hac["stats"]),
                 beam.pvalue.AsList(hac["sizes"]),
-                beam.pvalue.AsList(ivf["recall"]),
+                beam.pvalue.AsList(recall),
                 beam.pvalue.AsList(checked),
                 beam.pvalue.AsDict(rejected_counts),
                 self.params)

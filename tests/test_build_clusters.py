@@ -263,10 +263,11 @@ def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     b = write_pool(str(tmp_path / "b"), x[perm], [ids[i] for i in perm], files=4, row_group=100)
     m1 = cm_cluster(a, tmp_path / "o1", 0.3, "--num_shards", "4", workers=1)
     # Other files, order, shards and worker count; distributed rounds instead of in memory.
-    m2 = cm_cluster(b, tmp_path / "o2", 0.3, "--num_shards", "7", "--max_inmemory_edges", "500",
-                    "--max_rounds", "30", workers=2)
+    m2 = cm_cluster(b, tmp_path / "o2", 0.3, "--num_shards", "7", "--max_inmemory_edges", "15000",
+                    "--max_rounds", "6", workers=2)
     l1, s1 = read_labels(str(tmp_path / "o1"), ids)
     l2, s2 = read_labels(str(tmp_path / "o2"), ids)
     assert np.array_equal(l1, l2) and np.array_equal(s1, s2)
-    assert m2["beam_rounds"] and m1["input_fingerprint"]["digest"] == m2["input_fingerprint"]["digest"]
+    assert len(m2["beam_rounds"]) >= 2 and m2["inmemory_rounds"] and not m1["beam_rounds"]
+    assert m1["input_fingerprint"]["digest"] == m2["input_fingerprint"]["digest"]
     assert 1 < len(np.unique(l1)) < len(x)
