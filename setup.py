@@ -3,6 +3,9 @@
 from setuptools import find_packages, setup
 
 TENSORFLOW_CPU = "tensorflow-cpu>=2.16,<2.22"
+BEAM_GCP = "apache-beam[gcp]>=2.77,<2.78"
+DASK = ["dask>=2024.1", "distributed>=2024.1"]
+AIRFLOW = ["apache-airflow>=3.0", "apache-airflow-providers-apache-beam>=6.0"]
 
 setup(
     name="cm-beam",
@@ -20,17 +23,30 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "pyarrow>=14",
+        # The nightly job's report (PNG plots) and the demo pool's drawn images.
+        "matplotlib>=3.7",
+        "pillow>=9",
     ],
     extras_require={
         # TensorFlow is only needed by the embedding stage.  Pick one flavour:
         # `cpu` for laptops and CPU workers, `gpu` for GPU workers (Dataflow).
         "cpu": [TENSORFLOW_CPU],
         "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        # Submitting to Dataflow (and building a job offline with --dry_run=True).
+        "gcp": [BEAM_GCP],
+        # Beam's DaskRunner against a dask cluster.
+        "dask": DASK,
+        # The nightly DAG in deploy/airflow.
+        "airflow": AIRFLOW,
         "test": [
             TENSORFLOW_CPU,
+            BEAM_GCP,
+            *DASK,
+            *AIRFLOW,
             "pytest>=7",
             "fastcluster>=1.2",
             "scikit-learn>=1.3",
+            "pyyaml>=6",
         ],
     },
     entry_points={
