@@ -222,3 +222,21 @@ def train_model(
         "train_accuracy": float(history.history["accuracy"][-1]),
         "epochs": epochs,
     }
+
+
+def make_demo_inputs(directory: str, num_images: int = 3000, seed: int = 0, seed_set_size: int = 300,
+                     image_size: int = DEFAULT_IMAGE_SIZE, epochs: int = 20) -> Dict[str, object]:
+    """Pool, trained model and labeled seed set (`labeled.csv`) under `directory`.
+
+    What `cm-nightly --demo` runs on; tests use it with a small `num_images`.
+    """
+    pool = make_pool(os.path.join(directory, "pool"), num_images, seed=seed, image_size=image_size)
+    model_path = os.path.join(directory, "model.keras")
+    trained = train_model(pool["manifest"], pool["labels"], model_path, seed=seed,
+                          seed_set_size=min(seed_set_size, num_images // 2), epochs=epochs)
+    labeled = os.path.join(directory, "labeled.csv")
+    with open(labeled, "w") as f:
+        f.write("example_id\n" + "".join(f"{i}\n" for i in trained["seed_ids"]))
+    return {"pool": pool["manifest"], "labels": pool["labels"], "model": model_path, "labeled": labeled,
+            "num_images": num_images, "num_originals": pool["num_originals"], "seed_set": len(trained["seed_ids"]),
+            "train_accuracy": trained["train_accuracy"]}

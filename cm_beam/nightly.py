@@ -80,10 +80,12 @@ def _subdirs(directory: str) -> List[str]:
 
 
 def _all_subdirs(directory: str) -> List[str]:
+    """Subdirectories holding at least one file (object stores have no empty ones)."""
     if not FileSystems.exists(directory):
         return []
-    found = FileSystems.match([FileSystems.join(directory, "*")])[0].metadata_list
-    return sorted(m.path.rstrip("/") for m in found)
+    found = FileSystems.match([FileSystems.join(directory, "*", "*")])[0].metadata_list
+    prefix = directory.rstrip("/") + "/"
+    return sorted({prefix + m.path[len(prefix):].split("/", 1)[0] for m in found if m.path.startswith(prefix)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -184,24 +184,17 @@ def _prepare_demo(args) -> Dict[str, Any]:
         print(f"cm-nightly demo: reusing the pool and model in {demo_dir}", file=sys.stderr)
     else:
         t0 = time.time()
-        pool = demo_pool.make_pool(os.path.join(demo_dir, "pool"), args.demo_size, seed=args.seed, image_size=DEMO_IMAGE_SIZE)
-        print(f"cm-nightly demo: drew {pool['num_images']} images ({pool['num_originals']} originals, the rest "
-              f"near-duplicates) in {time.time() - t0:.1f} s", file=sys.stderr)
-        t0 = time.time()
-        model_path = os.path.join(demo_dir, "model.keras")
-        trained = demo_pool.train_model(pool["manifest"], pool["labels"], model_path, seed=args.seed, seed_set_size=DEMO_SEED_SET)
-        labeled = os.path.join(demo_dir, "labeled.csv")
-        with open(labeled, "w") as f:
-            f.write("example_id\n" + "".join(f"{i}\n" for i in trained["seed_ids"]))
-        print(f"cm-nightly demo: trained the model on {len(trained['seed_ids'])} labeled images "
-              f"(train accuracy {trained['train_accuracy']:.2f}) in {time.time() - t0:.1f} s", file=sys.stderr)
-        info = {"spec": spec, "pool": pool["manifest"], "labels": pool["labels"], "model": model_path, "labeled": labeled,
-                "train_accuracy": trained["train_accuracy"]}
+        made = demo_pool.make_demo_inputs(demo_dir, args.demo_size, seed=args.seed, seed_set_size=DEMO_SEED_SET,
+                                          image_size=DEMO_IMAGE_SIZE)
+        print(f"cm-nightly demo: drew {made['num_images']} images ({made['num_originals']} originals, the rest "
+              f"near-duplicates) and trained the model on {made['seed_set']} labeled ones (train accuracy "
+              f"{made['train_accuracy']:.2f}) in {time.time() - t0:.1f} s", file=sys.stderr)
+        info = {"spec": spec, **made}
         artifacts.write_json(done, info)  # last: the demo inputs are complete
     args.pool, args.model = info["pool"], info["model"]
     args.pool_format = args.pool_format or "manifest"
     args.image_size = args.image_size or DEMO_IMAGE_SIZE
-    args.batch_size = args.batch_size or DEMO_BATCH_SIZE
+    args.batch_size = args.batch_size or max(1, min(DEMO_BATCH_SIZE, args.demo_size // 15))
     args.distance_threshold = args.distance_threshold or DEMO_DISTANCE_THRESHOLD
     if info["labeled"] not in args.exclude:
         args.exclude = [info["labeled"]] + list(args.exclude)
