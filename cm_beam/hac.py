@@ -176,7 +176,10 @@ def _nearest(kv, eps, metric, round_index):
         table = Clusters.concat([c] + ghosts, d) if ghosts else c
         # Canonical orientation (smaller id first): both ends compute the same bits.
         a, b = np.minimum(src, dst), np.maximum(src, dst)
-        link = hk.edge_linkage(table, lookup(table.ids, a), table, lookup(table.ids, b), metric)
+        ia, ib = lookup(table.ids, a), lookup(table.ids, b)
+        if (ia < 0).any() or (ib < 0).any():  # adjacency must be symmetric: a bug otherwise
+            raise AssertionError(f"shard {shard}: an edge's far end sent no state")
+        link = hk.edge_linkage(table, ia, table, ib, metric)
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
         src, dst, link = src[keep], dst[keep], link[keep]

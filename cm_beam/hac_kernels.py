@@ -228,26 +228,92 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
                   max_rounds: int = 1 << 30):
     """Runs RNN rounds until no candidate edge within eps is left.
 
-    Returns (final clusters, parent_of: dict-like arrays (loser ids, winner ids) of
-    every merge in order, list of RoundStats). Follow `resolve_parents` to map any
+    The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
+    the canonical orientation (smaller id first), cut at eps, nearest candidate with
+    ties to the smaller id, reciprocal pairs merge into the smaller id. Faster for
+    many rounds on one worker: clusters are dense indices in id order (so index
+    order is id order), only edges touching a cluster merged in the last round get
+    their linkage recomputed (the others' clusters did not change: same bits), and
+    only those can become duplicates.
+
+    Returns (final clusters, (loser ids, winner ids) of every merge in order, list
+    of RoundStats, remaining edges (u, v) as ids). `resolve_parents` maps any
     initial id to its final cluster.
     """
+    clusters = clusters.sorted()
+    m = len(clusters)
+    ids = clusters.ids
+    counts, sums, sq = clusters.counts.copy(), clusters.sums.copy(), clusters.sq.copy()
+    labels = clusters.labels.copy()
+    alive = np.ones(m, bool)
+    u, v = canonical_edges(np.asarray(u, np.int64), np.asarray(v, np.int64))
+    iu, iv = lookup(ids, u), lookup(ids, v)
+    if (iu < 0).any() or (iv < 0).any():
+        raise ValueError("an edge names a cluster that is not in the state")
+    link = np.empty(len(iu))
+    dirty = np.ones(len(iu), bool)
+    state = Clusters(ids, counts, sums, sq, labels)  # views: updated in place below
     all_losers: List[np.ndarray] = []
     all_winners: List[np.ndarray] = []
     stats: List[RoundStats] = []
-    u, v = canonical_edges(np.asarray(u, np.int64), np.asarray(v, np.int64))
     rounds = 0
-    while len(u) and rounds < max_rounds:
-        clusters, u, v, w, l, st = rnn_round(clusters, u, v, eps, metric)
-        stats.append(st)
+    while len(iu) and rounds < max_rounds:
         rounds += 1
-        all_winners.append(w)
-        all_losers.append(l)
-        if st.merges == 0 and len(u) == 0:
+        n_edges = len(iu)
+        d = np.flatnonzero(dirty)
+        if len(d):
+            link[d] = edge_linkage(state, iu[d], state, iv[d], metric)
+        keep = link <= eps
+        iu, iv, link = iu[keep], iv[keep], link[keep]
+        if len(iu) == 0:
+            stats.append(RoundStats(n_edges, 0, 0))
             break
+        # Nearest candidate: min linkage, then min index (= min id).
+        minl = np.full(m, np.inf)
+        np.minimum.at(minl, iu, link)
+        np.minimum.at(minl, iv, link)
+        nn = np.full(m, m, np.int64)
+        c = link == minl[iu]
+        np.minimum.at(nn, iu[c], iv[c])
+        c = link == minl[iv]
+        np.minimum.at(nn, iv[c], iu[c])
+        active = np.flatnonzero(minl < np.inf)
+        partner = nn[active]
+        recip = (nn[partner] == active) & (active < partner)
+        w, l = active[recip], partner[recip]
+        counts[w] += counts[l]
+        sums[w] += sums[l]
+        sq[w] += sq[l]
+        labels[w] = np.minimum(labels[w], labels[l])
+        alive[l] = False
+        stats.append(RoundStats(n_edges, len(active), len(w)))
+        all_winners.append(ids[w])
+        all_losers.append(ids[l])
+        parent = np.arange(m)
+        parent[l] = w
+        iu, iv = parent[iu], parent[iv]
+        touched = np.zeros(m, bool)
+        touched[w] = True
+        dirty = touched[iu] | touched[iv]
+        a, b = np.minimum(iu, iv), np.maximum(iu, iv)
+        keep = a != b
+        a, b, link, dirty = a[keep], b[keep], link[keep], dirty[keep]
+        # Duplicates can only be among edges touching a winner (all of them dirty).
+        di = np.flatnonzero(dirty)
+        if len(di):
+            key = a[di] * m + b[di]
+            _, first = np.unique(key, return_index=True)
+            drop = np.ones(len(di), bool)
+            drop[first] = False
+            if drop.any():
+                keep = np.ones(len(a), bool)
+                keep[di[drop]] = False
+                a, b, link, dirty = a[keep], b[keep], link[keep], dirty[keep]
+        iu, iv = a, b
+    final = Clusters(ids[alive], counts[alive], sums[alive], sq[alive], labels[alive])
     losers = np.concatenate(all_losers) if all_losers else np.zeros(0, np.int64)
     winners = np.concatenate(all_winners) if all_winners else np.zeros(0, np.int64)
-    return clusters, (losers, winners), stats, (u, v)
+    return final, (losers, winners), stats, (ids[iu], ids[iv])
 
 
 def resolve_parents(ids: np.ndarray, losers: np.ndarray, winners: np.ndarray) -> np.ndarray:

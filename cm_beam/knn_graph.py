@@ -153,36 +153,21 @@ def _ivf_partition_topk(kv, k, metric, max_dist, sample):
     with _Timer("knn"):
         ids = np.concatenate([p["ids"] for p in parts])
         vecs = np.concatenate([p["vecs"] for p in parts])
-        nb, nd = kk.block_topk(vecs, ids, vecs, ids, k, metric)
-        # Sample query rows keep their uncut lists for the recall estimate.
-        # Sample points are matched by the shard-independent part of their ids.
+        nb, nd = kk.block_topk(vecs, ids, vecs, ids, k, metric, max_dist)
+        # Sample points (matched by the shard-independent part of their ids) also get
+        # their uncut lists, for the recall estimate.
         if sample is not None and len(sample["ids"]):
             low = hash_part(ids)
             pos = np.searchsorted(sample["ids"], low)
             pos_c = np.minimum(pos, len(sample["ids"]) - 1)
             hit = sample["ids"][pos_c] == low
             if hit.any():
-                nb_low = np.where(nb[hit] >= 0, hash_part(nb[hit]), kk.PAD_ID)
-                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb_low, nd[hit]))
-        if np.isfinite(max_dist):
-            if metric == "sqeuclidean":
-                cut = _sq_cut(ids, kk.sq_norms(vecs), nb, max_dist, metric)
-            else:
-                cut = max_dist + kk.prune_tolerance(metric, max_dist)
-            far = nd > cut
-            nb = np.where(far, kk.PAD_ID, nb)
-            nd = np.where(far, np.inf, nd)
+                snb, snd = kk.block_topk(vecs[hit], ids[hit], vecs, ids, k, metric)
+                nb_low = np.where(snb >= 0, hash_part(snb), kk.PAD_ID)
+                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb_low, snd))
         src, dst, dist = kk.dense_to_edges(ids, nb, nd)
     for item in _split_by_shard(src, dst, dist):
         yield item
-
-
-def _sq_cut(ids, sq, nb, max_dist, metric):
-    """Per-entry float32 slack for squared Euclidean cuts (depends on both norms)."""
-    order = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[order], np.maximum(nb, 0))
-    nb_sq = sq[order][np.minimum(pos, len(ids) - 1)]
-    return max_dist + kk.prune_tolerance(metric, max_dist) + 1e-5 * (sq[:, None] + nb_sq)
 
 
 def _merge_shard_edges(kv, k):

@@ -123,7 +123,21 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
             if metric == "sqeuclidean":
                 q_sq = sq_norms(q[start:stop].astype(np.float32))
                 cut = cut + 1e-5 * (q_sq[:, None] + x_sq[None, :])
-            d[d > cut] = np.inf
+            within = d <= cut
+            counts = within.sum(axis=1)
+            if counts.max() <= k:
+                # At most k neighbours inside the cut in every row (the usual case for a
+                # clustering threshold): skip the selection, sort just the survivors.
+                rows, cols = np.nonzero(within)
+                dd = d[rows, cols]
+                cid = x_ids[cols]
+                order = np.lexsort((cid, dd, rows))
+                rows, cid, dd = rows[order], cid[order], dd[order]
+                rank = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+                out_ids[start + rows, rank] = cid
+                out_d[start + rows, rank] = dd
+                continue
+            d[~within] = np.inf
         ids = np.broadcast_to(x_ids, d.shape)
         out_ids[start:stop], out_d[start:stop] = _sorted_rows(ids, d, k)
     return out_ids, out_d
