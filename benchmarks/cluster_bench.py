@@ -5,10 +5,12 @@
     L2-normalised, cosine. At eps 0.1, 0.2, 0.3: ARI of cm-cluster (default flags, 2
     workers) against exact HAC (fastcluster average linkage + fcluster 'distance'),
     wall time and peak memory of both, and of sklearn's connectivity-constrained
-    average linkage on the same kNN graph (k = cm-cluster's default).
+    average linkage on the same kNN graph (k = cm-cluster's default); also cm-cluster
+    with the ivf kNN forced (what pools above --exact_max_points get).
 (b) synthetic: clustered 64-d pools (Gaussian blobs around random unit directions,
     ~10 points per cluster), 250K and 1M points: wall time, peak memory, rounds,
     kNN recall, on the FnApiRunner ("DirectRunner") with 2 worker processes.
+(c) crossover: exact vs ivf kNN on synthetic pools of a few sizes (where `auto` switches).
 
 Every measured run is a separate child process; peak memory is the largest sum of
 RSS over the child's whole process tree (Beam worker processes included), polled
@@ -16,6 +18,7 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
 
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part fashion
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part synthetic --sizes 250000,1000000
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -210,6 +213,15 @@ def run_fashion(n: int, eps_list, workdir: str):
                                              "peak_rss_mb": round(sk_peak / 2**20, 1), "k": DEFAULT_NUM_NEIGHBORS},
         }
         row["speedup_vs_fastcluster_process"] = round(fc_wall / wall, 2)
+        # The same pool through the ivf kNN (what pools above --exact_max_points get).
+        out_ivf = os.path.join(workdir, f"cm_ivf_{eps}")
+        wall_i, peak_i, _ = measure(cm_cluster_cmd(pattern, out_ivf, eps, ["--knn_mode", "ivf"]))
+        man_i = json.load(open(os.path.join(out_ivf, "manifest.json")))
+        row["cm_cluster_ivf"] = {"ari": round(float(adjusted_rand_score(ref, _read_clusters(out_ivf, n))), 4),
+                                 "wall_seconds": round(wall_i, 2), "peak_rss_mb": round(peak_i / 2**20, 1),
+                                 "knn_recall": man_i["knn_recall"],
+                                 "num_partitions": man_i["parameters"]["num_partitions_used"],
+                                 "stage_seconds": man_i["timings"]["stage_seconds"]}
         print(json.dumps(row), flush=True)
         result["per_eps"].append(row)
     return result
@@ -251,9 +263,34 @@ def run_synthetic(sizes, eps: float, workdir: str, extra):
     return out
 
 
+def run_crossover(sizes, eps: float, workdir: str):
+    """Exact vs ivf kNN on the same synthetic pools: where auto should switch."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rows = []
+    for n in sizes:
+        x, _ = synthetic_pool(n, seed=1)
+        pattern = write_pool(x, os.path.join(workdir, f"crossover_{n}"))
+        del x
+        row = {"n": n}
+        labels = {}
+        for mode in ("exact", "ivf"):
+            out_dir = os.path.join(workdir, f"cm_cross_{mode}_{n}")
+            wall, peak, _ = measure(cm_cluster_cmd(pattern, out_dir, eps, ["--knn_mode", mode]))
+            man = json.load(open(os.path.join(out_dir, "manifest.json")))
+            labels[mode] = _read_clusters(out_dir, n)
+            row[mode] = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                         "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                         "knn_recall": man["knn_recall"]}
+        row["ari_ivf_vs_exact"] = round(float(adjusted_rand_score(labels["exact"], labels["ivf"])), 4)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"eps": eps, "rows": rows}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic"), required=True)
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover"), required=True)
     p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
     p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
     p.add_argument("--sizes", default="250000,1000000", help="Pool sizes (part synthetic).")
@@ -265,6 +302,8 @@ def main():
     command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.part == "fashion":
         result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
+    elif args.part == "crossover":
+        result = run_crossover([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir)
     else:
         result = run_synthetic([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
     result["command"] = command
