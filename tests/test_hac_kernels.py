@@ -92,3 +92,22 @@ def test_ids_and_histogram():
     assert (ids >= 0).all() and hk.shard_of(ids).tolist() == [5, 0, hk.MAX_SHARDS - 1]
     assert (hk.public_labels(h) >= 0).all()
     assert hk.size_histogram(np.array([1, 1, 2, 3, 4, 5, 9])) == {"1": 2, "2": 1, "3-4": 2, "5-8": 1, "9-16": 1}
+
+
+def test_fast_in_memory_rounds_match_the_simple_round_on_a_sparse_graph():
+    """hac_in_memory caches linkages of untouched edges; rnn_round recomputes all."""
+    x = _prepare(_blobs(400, seed=3), "cosine")
+    n = len(x)
+    ids = np.sort(np.random.default_rng(1).choice(10**9, n, replace=False)).astype(np.int64)
+    nb, _ = kk.block_topk(x.astype(np.float32), ids, x.astype(np.float32), ids, 8, "cosine")
+    u, v = np.repeat(ids, 8), nb.ravel()
+    make = lambda: hk.Clusters(ids.copy(), np.ones(n, np.int64), x.copy(), np.zeros(n), ids.copy())
+    final, (losers, winners), stats, _ = hk.hac_in_memory(make(), u, v, 0.3, "cosine")
+    c, uu, vv = make(), *hk.canonical_edges(u, v)
+    simple_l, simple_w, merges = [], [], []
+    while len(uu):
+        c, uu, vv, w, l, st = hk.rnn_round(c, uu, vv, 0.3, "cosine")
+        simple_l.append(l); simple_w.append(w); merges.append(st.merges)
+    assert np.array_equal(np.concatenate(simple_l), losers) and np.array_equal(np.concatenate(simple_w), winners)
+    assert sum(s.merges for s in stats) == sum(merges) == n - len(final)
+    assert np.array_equal(c.ids, final.ids) and np.allclose(c.sums, final.sums)
