@@ -218,18 +218,28 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
     return argv
 
 
-def stage_beam_args(beam_args: Iterable[str], stage: str) -> List[str]:
-    """The Beam flags for one stage's job: a --job_name gets the stage as suffix.
+# Runner names the nightly resolves itself: Beam's own DaskRunner cannot run the
+# stages (see cm_beam/dask_runner.py).
+RUNNERS = {"DaskRunner": "cm_beam.dask_runner.DaskRunner",
+           "apache_beam.runners.dask.dask_runner.DaskRunner": "cm_beam.dask_runner.DaskRunner"}
 
-    Dataflow refuses two active jobs of one name; the three stages run one after
-    another, but distinct names keep their monitoring pages apart.
+
+def stage_beam_args(beam_args: Iterable[str], stage: str) -> List[str]:
+    """The Beam flags for one stage's job.
+
+    A --job_name gets the stage as suffix: Dataflow refuses two active jobs of one
+    name, and distinct names keep the three jobs' monitoring pages apart.
+    `--runner=DaskRunner` means cm-beam's DaskRunner.
     """
     out, it = [], iter(beam_args)
     for arg in it:
-        if arg == "--job_name":
-            out.append(f"--job_name={next(it, 'cm-nightly')}-{stage}")
-        elif arg.startswith("--job_name="):
+        if arg in ("--job_name", "--runner"):
+            arg = f"{arg}={next(it, '')}"
+        if arg.startswith("--job_name="):
             out.append(f"{arg}-{stage}")
+        elif arg.startswith("--runner="):
+            name = arg.split("=", 1)[1]
+            out.append(f"--runner={RUNNERS.get(name, name)}")
         else:
             out.append(arg)
     return out

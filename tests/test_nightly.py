@@ -178,6 +178,8 @@ def test_work_dir_helpers():
         ["--a", "1", "--b", "--e", "x", "--e", "y"]
     assert nw.stage_beam_args(["--job_name", "n", "--x=1"], "embed") == ["--job_name=n-embed", "--x=1"]
     assert nw.stage_beam_args(["--job_name=n"], "select") == ["--job_name=n-select"]
+    assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.dask_runner.DaskRunner"]
+    assert nw.stage_beam_args(["--runner=FlinkRunner"], "cluster") == ["--runner=FlinkRunner"]
     assert nw.pool_key("gs://b/pool/*.csv", None) == nw.pool_key("gs://b/pool/*.csv/", None) != nw.pool_key("gs://b/p2/*", None)
 
 

@@ -114,11 +114,8 @@ def test_direct_runner_with_two_worker_processes(direct_two_workers, job):
     assert summary["counts"]["pool"] == POOL_SIZE
 
 
-def test_dask_runner_on_a_local_dask_cluster(direct_two_workers, job, monkeypatch):
+def test_dask_runner_on_a_local_dask_cluster(direct_two_workers, job, tmp_path):
     distributed = pytest.importorskip("distributed")
-    # Beam 2.77's own DaskRunner mixes the tagged outputs of a ParDo and computes only
-    # the last transform (see cm_beam/dask_runner.py); the short name must reach ours.
-    monkeypatch.setitem(cm_runner.RUNNER_ALIASES, "DaskRunner", "cm_beam.dask_runner.DaskRunner")
     base, port = job["base"], free_port()
     scheduler = start([os.path.join(BIN, "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                        "--no-dashboard"], base / "dask-scheduler.log")
@@ -133,6 +130,7 @@ def test_dask_runner_on_a_local_dask_cluster(direct_two_workers, job, monkeypatc
             before = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
             summary, rows = job["run"]("dask", ["--runner=DaskRunner", f"--dask_client_address=127.0.0.1:{port}"])
             after = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+            tagged_outputs_and_two_sinks(port, tmp_path)
         assert len(worker_pids) == 2 and os.getpid() not in worker_pids
         assert after - before > 100  # the three jobs' tasks went through the scheduler to the workers
         assert rows == direct_two_workers[1]
@@ -141,6 +139,36 @@ def test_dask_runner_on_a_local_dask_cluster(direct_two_workers, job, monkeypatc
         if workers is not None:
             stop(workers)
         stop(scheduler)
+
+
+def tagged_outputs_and_two_sinks(port, tmp_path):
+    """What Beam 2.77's DaskRunner gets wrong and cm_beam.dask_runner fixes, checked directly.
+
+    A ParDo with a tagged output, each output to its own sink, a side input and a
+    GroupByKey: every element must reach exactly its own sink.
+    """
+    import apache_beam as beam
+
+    class Split(beam.DoFn):
+        def process(self, x):
+            yield beam.pvalue.TaggedOutput("three", x) if x % 3 == 0 else x
+
+    out = str(tmp_path / "dask-check")
+    p = beam.Pipeline(options=cm_runner.pipeline_options(
+        ["--runner=cm_beam.dask_runner.DaskRunner", f"--dask_client_address=127.0.0.1:{port}"]))
+    numbers = p | beam.Create(list(range(60)))
+    total = numbers | beam.CombineGlobally(sum)
+    parts = numbers | beam.ParDo(Split()).with_outputs("three", main="rest")
+    (parts.rest | "WithTotal" >> beam.Map(lambda x, t: f"{x} {t}", t=beam.pvalue.AsSingleton(total))
+     | "WriteRest" >> beam.io.WriteToText(out + "/rest"))
+    (parts.three | beam.Map(lambda x: (x % 2, x)) | beam.GroupByKey()
+     | beam.MapTuple(lambda k, v: f"{k} {sorted(v)}") | "WriteThree" >> beam.io.WriteToText(out + "/three"))
+    assert p.run().wait_until_finish() == "DONE"
+    rest = sorted(line for f in sorted(os.listdir(out)) if f.startswith("rest") for line in open(os.path.join(out, f)))
+    three = sorted(line.strip() for f in sorted(os.listdir(out)) if f.startswith("three") for line in open(os.path.join(out, f)))
+    assert rest == sorted(f"{x} 1770\n" for x in range(60) if x % 3)
+    assert three == [f"0 {list(range(0, 60, 6))}", f"1 {list(range(3, 60, 6))}"]
+    assert not [f for f in os.listdir(out) if f.startswith("beam-temp")]  # each sink finalised once
 
 
 def test_portable_runner_with_an_external_worker_pool(direct_two_workers, job):
