@@ -68,20 +68,26 @@ def build_clusters(embeddings_dir: str, output_dir: str, distance_threshold: flo
     """Runs cm-cluster on cm-embed's output; returns summary + cluster size stats."""
     from pipelines import build_clusters as stage
 
-    argv = ["--embeddings", os.path.join(embeddings_dir, "*.parquet"), "--output_dir", output_dir, "--overwrite",
+    argv = ["--embeddings", os.path.join(embeddings_dir, "embeddings-*.parquet"), "--output_dir", output_dir, "--overwrite",
             "--distance_threshold", repr(float(distance_threshold)), "--metric", metric, *BEAM_ARGS]
     if num_neighbors:
         argv += ["--num_neighbors", str(num_neighbors)]
     summary = dict(stage.run(argv) or {})
-    table = pa.concat_tables([pq.read_table(p, columns=["example_id", "cluster_id"]) for p in _outputs(output_dir)])
+    summary.update(cluster_stats(output_dir))
+    return summary
+
+
+def cluster_stats(output_dir: str) -> dict:
+    """Cluster count and sizes of a cm-cluster output dir (as the clusters the selection sees)."""
+    table = _read_dir(output_dir, "clusters", ["example_id", "cluster_id"])
     _, sizes = np.unique(table.column("cluster_id").to_numpy(), return_counts=True)
-    summary.update({
+    rejected = sum(pq.ParquetFile(p).metadata.num_rows for p in glob.glob(os.path.join(output_dir, "rejected-*.parquet")))
+    return {
         "num_examples": int(table.num_rows), "num_clusters": int(sizes.size),
         "mean_cluster_size": float(table.num_rows / max(1, sizes.size)),
         "max_cluster_size": int(sizes.max()) if sizes.size else 0,
-        "singletons": int(np.sum(sizes == 1)),
-    })
-    return summary
+        "singletons": int(np.sum(sizes == 1)), "rejected": int(rejected),
+    }
 
 
 def write_exclude(example_ids: Sequence[str], path: str) -> str:
@@ -94,7 +100,7 @@ def select_batch(scores_dir: str, clusters_dir: Optional[str], exclude_path: str
     """Runs cm-select; returns {'summary', 'example_id' (ranked), 'round', 'cluster_id'}."""
     from pipelines import select_batch as stage
 
-    argv = ["--scores", os.path.join(scores_dir, "*.parquet"), "--exclude", exclude_path,
+    argv = ["--scores", os.path.join(scores_dir, "embeddings-*.parquet"), "--exclude", exclude_path,
             "--batch_size", str(batch_size), "--strategy", strategy, "--seed", str(seed),
             "--output_dir", output_dir, "--overwrite", *BEAM_ARGS]
     if clusters_dir:

@@ -94,6 +94,8 @@ class Config:
     target_cluster_size: float = 10.0
     cluster_size_tolerance: tuple = (8.0, 12.5)
     num_neighbors: int = 0  # 0: cm-cluster's default
+    # Fixed eps (skips the calibration); None = calibrate once per setting (the rule above).
+    distance_threshold: Optional[float] = None
     cnn: CnnConfig = CnnConfig()
 
     def key(self) -> str:
@@ -102,8 +104,10 @@ class Config:
 
 
 FULL = Config()
-QUICK = Config(pool_size=1500, test_size=1000, seed_size=100, batch_size=100, rounds=2,
-               cnn=CnnConfig(conv1=8, conv2=16, embedding_dim=32, epochs=2, batch_size=64))
+# Quick: minutes, for the end-to-end test. eps fixed at what the calibration rule gave on
+# this pool (mean cluster size 7-11 on both settings), so the test runs cm-cluster once.
+QUICK = Config(pool_size=1000, test_size=1000, seed_size=200, batch_size=100, rounds=2, distance_threshold=0.03,
+               cnn=CnnConfig(conv1=8, conv2=16, embedding_dim=32, epochs=4, batch_size=32))
 
 
 # ----------------------------------------------------------------------------- paths
@@ -214,11 +218,13 @@ class Selector:
         self._check_scores(model, embed_dir, pool)
         if self.strategy == "cluster_margin" and self._clusters_dir is None:
             t1 = time.time()
-            eps = self._eps(embed_dir)
+            eps, built = self._eps(embed_dir)
             self._clusters_dir = os.path.join(self.work, "clusters")
-            stats = al_product.build_clusters(embed_dir, self._clusters_dir, eps, self.config.num_neighbors or None)
+            if built is None:
+                al_product.build_clusters(embed_dir, self._clusters_dir, eps, self.config.num_neighbors or None)
+            stats = al_product.cluster_stats(self._clusters_dir)
             self.info["clusters"] = {"distance_threshold": eps, "built_on_round": round_index,
-                                     **{k2: stats[k2] for k2 in ("num_clusters", "mean_cluster_size", "max_cluster_size", "singletons")}}
+                                     **stats}
             timings["cluster_s"] = time.time() - t1
         exclude = al_product.write_exclude(pool.example_ids[labeled], os.path.join(round_dir, "labeled.parquet"))
         t2 = time.time()
@@ -249,37 +255,58 @@ class Selector:
         if err > 1e-3:
             raise RuntimeError(f"cm-embed margins differ from model.predict by up to {err}")
 
-    def _eps(self, embed_dir: str) -> float:
-        """The setting's eps: read from calibration.json, or bisected once (module docstring)."""
+    def _eps(self, embed_dir: str):
+        """(eps, clusters dir already built at eps or None): fixed by the config, read from
+        calibration.json, or calibrated once on this seed model (module docstring)."""
         import al_product
 
+        if self.config.distance_threshold is not None:
+            return float(self.config.distance_threshold), None
         calibration = _read_json(self.calibration_path) if os.path.exists(self.calibration_path) else {}
         entry = calibration.get(self.setting)
         if entry:
-            return float(entry["distance_threshold"])
+            return float(entry["distance_threshold"]), None
+        out_dir = os.path.join(self.work, "clusters")
+
+        def mean_size(eps: float) -> dict:
+            return al_product.build_clusters(embed_dir, out_dir, eps, self.config.num_neighbors or None)
+
+        eps, trials = calibrate_eps(mean_size, *self.config.cluster_size_tolerance)
         lo_size, hi_size = self.config.cluster_size_tolerance
-        lo, hi, eps = 0.0, 1.0, 0.1  # cosine distance of ReLU embeddings lies in [0, 1]
-        trials = []
-        for _ in range(12):
-            stats = al_product.build_clusters(embed_dir, os.path.join(self.work, "calibration"), eps,
-                                              self.config.num_neighbors or None)
-            size = stats["mean_cluster_size"]
-            trials.append({"distance_threshold": eps, "mean_cluster_size": size, "num_clusters": stats["num_clusters"]})
-            _LOG.info("eps calibration %s: eps=%.5f mean cluster size %.2f", self.setting, eps, size)
-            if lo_size <= size <= hi_size:
-                break
-            if size < lo_size:
-                lo = eps
-            else:
-                hi = eps
-            eps = (lo + hi) / 2
-        else:
-            raise RuntimeError(f"eps calibration for {self.setting} did not converge: {trials}")
-        calibration[self.setting] = {"distance_threshold": eps, "mean_cluster_size": size,
+        calibration[self.setting] = {"distance_threshold": eps, "mean_cluster_size": trials[-1]["mean_cluster_size"],
                                      "calibrated_on_seed": self.seed, "trials": trials,
-                                     "rule": f"mean cluster size in [{lo_size}, {hi_size}] on the seed model's pool embeddings"}
+                                     "rule": f"mean cluster size in [{lo_size:g}, {hi_size:g}] on the seed model's pool embeddings"}
         _write_json(self.calibration_path, calibration)
-        return eps
+        return eps, out_dir  # the last trial's clusters are the ones at eps
+
+
+def calibrate_eps(cluster_stats, lo_size: float, hi_size: float, start: float = 0.01, max_trials: int = 14):
+    """eps whose mean cluster size is in [lo_size, hi_size], and the trials that found it.
+
+    `cluster_stats(eps)` runs the clustering and returns a dict with `mean_cluster_size`
+    and `num_clusters`. Mean cluster size grows monotonically (and steeply) with eps:
+    bracket the band by doubling / halving from `start`, then bisect geometrically.
+    The last trial is always at the returned eps.
+    """
+    lo = hi = None
+    eps = start
+    trials = []
+    for _ in range(max_trials):
+        stats = cluster_stats(eps)
+        size = float(stats["mean_cluster_size"])
+        trials.append({"distance_threshold": eps, "mean_cluster_size": size, "num_clusters": int(stats["num_clusters"])})
+        _LOG.info("eps calibration: eps=%.6f mean cluster size %.2f", eps, size)
+        if lo_size <= size <= hi_size:
+            return eps, trials
+        if size < lo_size:
+            lo = eps
+        else:
+            hi = eps
+        if lo is not None and hi is not None:
+            eps = float(np.sqrt(lo * hi))
+        else:
+            eps = eps * 2 if hi is None else eps / 2
+    raise RuntimeError(f"eps calibration did not reach a mean cluster size in [{lo_size}, {hi_size}]: {trials}")
 
 
 # ----------------------------------------------------------------------------- one curve
@@ -451,13 +478,13 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
         "An active-learning simulation (`benchmarks/label_efficiency.py`): a random seed set of "
         f"{c.seed_size:,} labels, then {c.rounds} batches of {c.batch_size:,}; after each, a small CNN "
         f"(2 conv + {c.cnn.embedding_dim}-d dense) is trained from scratch for {c.cnn.epochs} epochs on all labels so "
-        "far and scored on the 10K test images. `margin` and `cluster_margin` select through the product's own "
+        f"far and scored on {c.test_size:,} Fashion-MNIST test images. `margin` and `cluster_margin` select through the product's own "
         "`cm-embed` (every round), `cm-cluster` (once per run, on the seed model's embeddings) and `cm-select` "
         f"(the labeled set as `--exclude`; Cluster-Margin with k_m = {c.margin_pool_factor:g} k_t and eps set once "
         f"per setting so that the mean cluster size is in [{c.cluster_size_tolerance[0]:g}, {c.cluster_size_tolerance[1]:g}]). "
         "`random`, `coreset` (k-center greedy on the embeddings) and `badge` (k-means++ seeding on last-layer "
-        "gradient embeddings) are in-memory baselines in `benchmarks/al_baselines.py`. Settings: `plain` = the 60K "
-        f"training images; `redundant` = {c.pool_size // c.redundant_copies:,} training images, each as "
+        f"gradient embeddings) are in-memory baselines in `benchmarks/al_baselines.py`. Settings: `plain` = {c.pool_size:,} "
+        f"Fashion-MNIST training images; `redundant` = {c.pool_size // c.redundant_copies:,} training images, each as "
         f"{c.redundant_copies} near-duplicates (shift up to {c.max_shift} px, pixel noise sd {c.noise_std:g}).",
         "",
         f"Command: `{result['command']}` (2 shared CPU cores; each curve under `flock /tmp/cm-bench.lock`). "
@@ -566,6 +593,8 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default=al_data.FASHION_MNIST_DIR)
     p.add_argument("--lock", default=None, help=f"flock file held per curve (default {DEFAULT_LOCK}; quick: none; '' = none).")
     p.add_argument("--readme", default=None, help="README to update (default: the repo's, not in --quick; '' = none).")
+    p.add_argument("--keep_going", type=lambda t: t.lower() in ("1", "true", "yes"), default=None,
+                   help="Continue with the next curve when one fails (default: true, false in --quick).")
     p.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS))
     args = p.parse_args(argv)
     for name, allowed in (("settings", SETTINGS), ("strategies", STRATEGIES)):
@@ -578,6 +607,8 @@ def parse_args(argv=None):
     args.targets = [float(t) for t in args.targets.split(",") if t]
     if args.lock is None:
         args.lock = "" if args.quick else DEFAULT_LOCK
+    if args.keep_going is None:
+        args.keep_going = not args.quick
     if args.readme is None:
         args.readme = "" if args.quick else os.path.join(ROOT, "README.md")
     return args
@@ -592,7 +623,7 @@ def run(argv=None) -> dict:
     if args.report_only:
         return write_report(command=command, **report_kwargs)
     data = None
-    ran = []
+    ran, failed = [], []
     # Seed-major order: the first hours give one complete seed of every strategy and setting.
     for seed in args.seeds:
         for setting in args.settings:
@@ -601,16 +632,26 @@ def run(argv=None) -> dict:
                     done = _read_json(curve_path(args.results_dir, setting, strategy, seed))
                     if done.get("config_key") == config.key():
                         continue
+                name = f"{setting}/{strategy}/seed{seed}"
                 with bench_lock(args.lock) as waited:
                     if data is None:
                         data = Data(config, args.data_dir, args.work_dir)
-                    _LOG.info("curve %s/%s/seed%d (waited %.0fs for the lock)", setting, strategy, seed, waited)
-                    record = run_curve(setting, strategy, seed, data, config, args.results_dir, args.work_dir, command)
-                ran.append(f"{setting}/{strategy}/seed{seed}")
+                    _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
+                    try:
+                        record = run_curve(setting, strategy, seed, data, config, args.results_dir, args.work_dir, command)
+                    except Exception as e:  # noqa: BLE001 - one broken curve must not stop the others
+                        if not args.keep_going:
+                            raise
+                        _LOG.exception("curve %s failed; continuing with the next", name)
+                        failed.append({"curve": name, "error": f"{type(e).__name__}: {e}"})
+                        _write_json(os.path.join(args.results_dir, "label_efficiency", "failed.json"), failed)
+                        continue
+                ran.append(name)
                 _LOG.info("curve %s done in %.1f min: %s", ran[-1], record["seconds"] / 60, record["accuracy"])
                 write_report(command=command, **report_kwargs)
     report = write_report(command=command, **report_kwargs)
     report["ran"] = ran
+    report["failed"] = failed
     return report
 
 
@@ -619,7 +660,8 @@ def main(argv=None) -> None:
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     report = run(argv)
-    print(json.dumps({"ran": report.get("ran", []), "complete": report["details"]["complete"]}, indent=1))
+    print(json.dumps({"ran": report.get("ran", []), "failed": report.get("failed", []),
+                      "complete": report["details"]["complete"]}, indent=1))
 
 
 if __name__ == "__main__":
