@@ -45,6 +45,7 @@ class InputFile:
     num_rows: int
     num_row_groups: int
     columns: Tuple[str, ...]
+    schema: Optional[pa.Schema] = None
 
 
 def expand_glob(pattern: str, flag: str) -> List[str]:
@@ -93,15 +94,21 @@ def inspect_file(path: str, flag: str, required: Dict[str, str]) -> InputFile:
         raise
     except Exception as e:
         raise InputError(f"{flag}: cannot read {path} as {fmt}: {e}") from None
-    for column, kind in required.items():
-        if column not in schema.names:
-            raise InputError(
-                f"{flag}: {path} has no column '{column}' (columns: {', '.join(schema.names)})"
-            )
-        arrow_type = schema.field(column).type
-        if not _KIND_CHECKS[kind](arrow_type):
-            raise InputError(f"{flag}: {path}: column '{column}' has type {arrow_type}, expected {kind}")
-    return InputFile(path, fmt, num_rows, groups, tuple(schema.names))
+    found = InputFile(path, fmt, num_rows, groups, tuple(schema.names), schema)
+    check_columns([found], flag, required)
+    return found
+
+
+def check_columns(files: Sequence[InputFile], flag: str, required: Dict[str, str]) -> None:
+    """Checks inspected files against `required` ({column: kind}), naming file and column."""
+    for f in files:
+        for column, kind in required.items():
+            if column not in f.columns:
+                raise InputError(f"{flag}: {f.path} has no column '{column}' (columns: {', '.join(f.columns)})")
+            if f.schema is not None:
+                arrow_type = f.schema.field(column).type
+                if not _KIND_CHECKS[kind](arrow_type):
+                    raise InputError(f"{flag}: {f.path}: column '{column}' has type {arrow_type}, expected {kind}")
 
 
 def inspect_inputs(patterns: Iterable[str], flag: str, required: Dict[str, str]) -> List[InputFile]:

@@ -92,19 +92,20 @@ def _make_demo(args) -> None:
 def _score_source(files: List[table_io.InputFile], uncertainty: str) -> Dict:
     """Which column the scores come from: the uncertainty's own column, else probs."""
     if all(uncertainty in f.columns for f in files):
+        table_io.check_columns(files, "--scores", {uncertainty: "float"})
         return {"score_column": uncertainty, "num_classes": None}
     if all("probs" in f.columns for f in files):
+        table_io.check_columns(files, "--scores", {"probs": "vector"})
         first = next((f for f in files if f.num_rows), None)
         num_classes = None
         if first is not None:
             table = table_io.read_table(first.path, "--scores", columns=["probs"]).slice(0, 1)
             num_classes = len(table.column("probs")[0].as_py() or [])
         return {"score_column": None, "num_classes": num_classes or 1}
-    bad = next(f for f in files if uncertainty not in f.columns and "probs" not in f.columns) if any(
-        uncertainty not in f.columns and "probs" not in f.columns for f in files) else files[0]
+    bad = next((f for f in files if uncertainty not in f.columns and "probs" not in f.columns), files[0])
     raise InputError(
         f"--scores: {bad.path} has neither column '{uncertainty}' nor 'probs' "
-        f"(columns: {', '.join(bad.columns)}); files must all carry the same one")
+        f"(columns: {', '.join(bad.columns)}); all files must carry the same one")
 
 
 class _WriteStatsFn(beam.DoFn):
@@ -128,7 +129,6 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     score_files = table_io.inspect_inputs([args.scores], "--scores", {"example_id": "id"})
     source = _score_source(score_files, args.uncertainty)
     score_cols = ["example_id", source["score_column"] or "probs"]
-    table_io.inspect_inputs([args.scores], "--scores", {"example_id": "id", score_cols[1]: "float" if source["score_column"] else "vector"})
     cluster_files = (table_io.inspect_inputs([args.clusters], "--clusters", {"example_id": "id", "cluster_id": "int"})
                      if args.clusters else [])
     exclude_files = table_io.inspect_inputs(args.exclude, "--exclude", {"example_id": "id"}) if args.exclude else []
