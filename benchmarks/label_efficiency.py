@@ -19,9 +19,10 @@ Strategies:
   gradient embeddings): in-memory baselines in benchmarks/al_baselines.py.
 
 eps rule (fixed before any result was seen, never tuned per run): the first time a
-setting needs clusters, eps is bisected on that seed model's embeddings until
-cm-cluster's mean cluster size is within [8, 12.5] (target 10, the paper's recipe);
-it is saved in calibration.json and reused by every seed of the setting.
+setting needs clusters, eps is searched (secant/bisection, `calibrate_eps`) on that
+seed model's embeddings until cm-cluster's mean cluster size is within [8, 12.5]
+(target 10, the paper's recipe); it is saved in calibration-*.json and reused by
+every seed of the setting.
 
 Settings: `plain` (the 60K training images) and `redundant` (12K training images, each
 as 5 near-duplicates: shifts of up to 2 px and pixel noise; 60K rows). Both use the
@@ -30,8 +31,8 @@ same batch size and budget.
 Resume: every finished curve is written to `<results>/label_efficiency/curves/` and
 skipped by a rerun with the same configuration. Each curve runs holding
 `/tmp/cm-bench.lock` (flock), one curve at a time, so other benchmarks interleave.
-After each curve the report (JSON, plots, README section) is rewritten from all
-completed curves; `--report_only` rewrites it without running anything.
+After each curve the report (JSON, plots) is rewritten from all completed curves;
+`--report_only` rewrites it, and the README section, without running anything.
 
 Usage:
     .venv/bin/python benchmarks/label_efficiency.py            # full run (hours)
@@ -280,15 +281,18 @@ class Selector:
         return eps, out_dir  # the last trial's clusters are the ones at eps
 
 
-def calibrate_eps(cluster_stats, lo_size: float, hi_size: float, start: float = 0.01, max_trials: int = 14):
+def calibrate_eps(cluster_stats, lo_size: float, hi_size: float, start: float = 0.006, max_trials: int = 12):
     """eps whose mean cluster size is in [lo_size, hi_size], and the trials that found it.
 
     `cluster_stats(eps)` runs the clustering and returns a dict with `mean_cluster_size`
-    and `num_clusters`. Mean cluster size grows monotonically (and steeply) with eps:
-    bracket the band by doubling / halving from `start`, then bisect geometrically.
-    The last trial is always at the returned eps.
+    and `num_clusters`. Mean cluster size grows monotonically (and steeply, roughly as
+    a power of eps) with eps, so each next eps is the log-log secant towards the
+    band's geometric centre through the last two trials, kept strictly inside the
+    bracket found so far (geometric bisection when the secant would leave it); before
+    a second trial exists, eps doubles or halves. The last trial is at the returned eps.
     """
-    lo = hi = None
+    target = float(np.sqrt(lo_size * hi_size))
+    lo = hi = None  # largest eps below the band, smallest above it
     eps = start
     trials = []
     for _ in range(max_trials):
@@ -299,13 +303,21 @@ def calibrate_eps(cluster_stats, lo_size: float, hi_size: float, start: float = 
         if lo_size <= size <= hi_size:
             return eps, trials
         if size < lo_size:
-            lo = eps
+            lo = eps if lo is None else max(lo, eps)
         else:
-            hi = eps
-        if lo is not None and hi is not None:
-            eps = float(np.sqrt(lo * hi))
-        else:
-            eps = eps * 2 if hi is None else eps / 2
+            hi = eps if hi is None else min(hi, eps)
+        nxt = None
+        if len(trials) >= 2:
+            (e0, s0), (e1, s1) = [(t["distance_threshold"], t["mean_cluster_size"]) for t in trials[-2:]]
+            if s0 > 0 and s1 > 0 and s0 != s1 and e0 != e1:
+                slope = (np.log(s1) - np.log(s0)) / (np.log(e1) - np.log(e0))
+                if slope > 0:
+                    nxt = float(np.exp(np.log(e1) + (np.log(target) - np.log(s1)) / slope))
+        if nxt is None:
+            nxt = eps * 2 if hi is None else (eps / 2 if lo is None else float(np.sqrt(lo * hi)))
+        if (lo is not None and nxt <= lo) or (hi is not None and nxt >= hi):
+            nxt = float(np.sqrt(lo * hi)) if lo is not None and hi is not None else (eps * 2 if hi is None else eps / 2)
+        eps = nxt
     raise RuntimeError(f"eps calibration did not reach a mean cluster size in [{lo_size}, {hi_size}]: {trials}")
 
 
@@ -581,6 +593,24 @@ def write_report(results_dir: str, config: Config, settings, strategies, seeds, 
 
 
 # ----------------------------------------------------------------------------- main
+def schedule(settings: Sequence[str], strategies: Sequence[str], seeds: Sequence[int]):
+    """(seed, setting, strategy) in the order that makes a cut-short run most useful.
+
+    The headline comparison (cluster_margin vs margin vs random) comes first, seed by
+    seed; the in-memory baselines of a seed follow the headline curves of the next
+    seed: core(s0), core(s1), baselines(s0), core(s2), baselines(s1), ...
+    """
+    core = [s for s in strategies if s in ("random", "margin", "cluster_margin")]
+    rest = [s for s in strategies if s not in core]
+    order = []
+    for i, seed in enumerate(list(seeds) + [None]):
+        if seed is not None:
+            order += [(seed, setting, s) for setting in settings for s in core]
+        if i >= 1 and rest:
+            order += [(seeds[i - 1], setting, s) for setting in settings for s in rest]
+    return order
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny budget (minutes): for the end-to-end test.")
@@ -592,7 +622,7 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default="/tmp/cm-label-efficiency", help="Scratch: pool Parquet, models, stage outputs.")
     p.add_argument("--data_dir", default=al_data.FASHION_MNIST_DIR)
     p.add_argument("--lock", default=None, help=f"flock file held per curve (default {DEFAULT_LOCK}; quick: none; '' = none).")
-    p.add_argument("--readme", default=None, help="README to update (default: the repo's, not in --quick; '' = none).")
+    p.add_argument("--readme", default=None, help="README to update (default: the repo's with --report_only, else none; '' = none).")
     p.add_argument("--keep_going", type=lambda t: t.lower() in ("1", "true", "yes"), default=None,
                    help="Continue with the next curve when one fails (default: true, false in --quick).")
     p.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS))
@@ -610,7 +640,9 @@ def parse_args(argv=None):
     if args.keep_going is None:
         args.keep_going = not args.quick
     if args.readme is None:
-        args.readme = "" if args.quick else os.path.join(ROOT, "README.md")
+        # Only an explicit report rewrites README.md: a background run must not race
+        # with the other engineers' edits of the file.
+        args.readme = os.path.join(ROOT, "README.md") if args.report_only and not args.quick else ""
     return args
 
 
@@ -624,31 +656,28 @@ def run(argv=None) -> dict:
         return write_report(command=command, **report_kwargs)
     data = None
     ran, failed = [], []
-    # Seed-major order: the first hours give one complete seed of every strategy and setting.
-    for seed in args.seeds:
-        for setting in args.settings:
-            for strategy in args.strategies:
-                if os.path.exists(curve_path(args.results_dir, setting, strategy, seed)):
-                    done = _read_json(curve_path(args.results_dir, setting, strategy, seed))
-                    if done.get("config_key") == config.key():
-                        continue
-                name = f"{setting}/{strategy}/seed{seed}"
-                with bench_lock(args.lock) as waited:
-                    if data is None:
-                        data = Data(config, args.data_dir, args.work_dir)
-                    _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
-                    try:
-                        record = run_curve(setting, strategy, seed, data, config, args.results_dir, args.work_dir, command)
-                    except Exception as e:  # noqa: BLE001 - one broken curve must not stop the others
-                        if not args.keep_going:
-                            raise
-                        _LOG.exception("curve %s failed; continuing with the next", name)
-                        failed.append({"curve": name, "error": f"{type(e).__name__}: {e}"})
-                        _write_json(os.path.join(args.results_dir, "label_efficiency", "failed.json"), failed)
-                        continue
-                ran.append(name)
-                _LOG.info("curve %s done in %.1f min: %s", ran[-1], record["seconds"] / 60, record["accuracy"])
-                write_report(command=command, **report_kwargs)
+    for seed, setting, strategy in schedule(args.settings, args.strategies, args.seeds):
+        if os.path.exists(curve_path(args.results_dir, setting, strategy, seed)):
+            done = _read_json(curve_path(args.results_dir, setting, strategy, seed))
+            if done.get("config_key") == config.key():
+                continue
+        name = f"{setting}/{strategy}/seed{seed}"
+        with bench_lock(args.lock) as waited:
+            if data is None:
+                data = Data(config, args.data_dir, args.work_dir)
+            _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
+            try:
+                record = run_curve(setting, strategy, seed, data, config, args.results_dir, args.work_dir, command)
+            except Exception as e:  # noqa: BLE001 - one broken curve must not stop the others
+                if not args.keep_going:
+                    raise
+                _LOG.exception("curve %s failed; continuing with the next", name)
+                failed.append({"curve": name, "error": f"{type(e).__name__}: {e}"})
+                _write_json(os.path.join(args.results_dir, "label_efficiency", "failed.json"), failed)
+                continue
+        ran.append(name)
+        _LOG.info("curve %s done in %.1f min: %s", ran[-1], record["seconds"] / 60, record["accuracy"])
+        write_report(command=command, **report_kwargs)
     report = write_report(command=command, **report_kwargs)
     report["ran"] = ran
     report["failed"] = failed

@@ -167,6 +167,6 @@ def test_eps_calibration_brackets_then_bisects_to_the_band():
     eps, trials = le.calibrate_eps(fake_cluster_stats, 8.0, 12.5)
     assert 8.0 <= fake_cluster_stats(eps)["mean_cluster_size"] <= 12.5
     assert trials[-1]["distance_threshold"] == eps == calls[-2]
-    assert len(trials) <= 8
+    assert len(trials) <= 6
     with pytest.raises(RuntimeError):
         le.calibrate_eps(lambda eps: {"mean_cluster_size": 1.0, "num_clusters": 1}, 8.0, 12.5, max_trials=5)
