@@ -12,6 +12,7 @@ Paths go through Beam's FileSystems: local paths and gs:// alike.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -201,6 +202,65 @@ class WriteTableBlocks(beam.PTransform):
                 self._prefix, schema, file_name_suffix=".parquet", num_shards=self._num_shards
             )
         )
+
+
+def block_file_name(prefix: str, table: pa.Table) -> str:
+    """`<prefix>-<digest>.parquet`, the digest a content hash of the block.
+
+    Content-derived names make the write idempotent: a retried bundle rewrites the
+    same file with the same rows instead of leaving a second copy behind.
+    """
+    digest = hashlib.sha1()
+    for column in table.columns:
+        for chunk in column.chunks:
+            for buf in chunk.buffers():
+                if buf is not None:
+                    digest.update(memoryview(buf))
+    digest.update(str(table.num_rows).encode())
+    return f"{prefix}-{digest.hexdigest()[:20]}.parquet"
+
+
+class _WriteBlockFileFn(beam.DoFn):
+    def __init__(self, prefix: str, schema: pa.Schema):
+        self._prefix = prefix
+        self._schema = schema
+
+    def process(self, block):
+        table = block if isinstance(block, pa.Table) else pa.Table.from_batches([block])
+        if table.num_rows == 0:
+            return
+        table = table.select(self._schema.names).cast(self._schema)
+        path = block_file_name(self._prefix, table)
+        with FileSystems.create(path) as f:
+            pq.write_table(table, f)
+        yield path
+
+
+class WriteBlockFiles(beam.PTransform):
+    """Writes each record batch as its own Parquet file, `<prefix>-<content hash>.parquet`.
+
+    For outputs that are already a few large blocks (one per key-range bucket), this
+    skips the four extra stages of Beam's file sink (initialise, group, pre-finalise,
+    finalise): the output directory's manifest, written after the job succeeds, is
+    the commit marker. Call `ensure_output_file` afterwards so that an empty output
+    still has one (empty) file carrying the schema. Returns the written paths.
+    """
+
+    def __init__(self, prefix: str, schema: pa.Schema):
+        super().__init__()
+        self._prefix = prefix
+        self._schema = schema
+
+    def expand(self, pcoll):
+        return pcoll | "WriteFiles" >> beam.ParDo(_WriteBlockFileFn(self._prefix, self._schema))
+
+
+def ensure_output_file(prefix: str, schema: pa.Schema) -> None:
+    """Writes an empty `<prefix>-empty.parquet` if no `<prefix>-*.parquet` exists."""
+    if FileSystems.match([prefix + "-*.parquet"])[0].metadata_list:
+        return
+    with FileSystems.create(prefix + "-empty.parquet") as f:
+        pq.write_table(schema.empty_table(), f)
 
 
 def read_table(pattern: str, flag: str = "--input", columns: Optional[Sequence[str]] = None) -> pa.Table:

@@ -158,14 +158,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     if exclude_files:
         inputs["exclude"] = pipeline | "ReadExclusions" >> table_io.ReadTableBlocks(exclude_files, ["example_id"])
     result = inputs | "SelectBatch" >> transform
-    result["selection"] | "WriteSelection" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "selection"), SELECTION_SCHEMA)
-    result["rejected"] | "WriteRejected" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "rejected"), REJECTED_SCHEMA)
+    outputs = {"selection": SELECTION_SCHEMA, "rejected": REJECTED_SCHEMA}
+    for name, schema in outputs.items():
+        result[name] | f"Write{name.title()}" >> table_io.WriteBlockFiles(artifacts.join(args.output_dir, name), schema)
     result["stats"] | "WriteStats" >> beam.ParDo(_WriteStatsFn(stats_path))
     _LOG.info("cm-select: %d scores rows in %d files; selecting %d (%s)", pool_rows, len(score_files), args.batch_size, args.strategy)
     pipeline_seconds = cm_runner.run_pipeline(pipeline, "cm-select")
 
+    for name, schema in outputs.items():
+        table_io.ensure_output_file(artifacts.join(args.output_dir, name), schema)
     stats = artifacts.read_json(stats_path)
     FileSystems.delete([stats_path])
     manifest = {
