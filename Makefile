@@ -14,9 +14,11 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
-# The main job on an embedded default: a demo pool generated locally, DirectRunner.
+# The main job on an embedded default: a demo image pool and model generated locally, the
+# nightly job (embed, cluster, select, report) on the DirectRunner's engine. Rerunning reuses
+# the pool, model, embeddings and clusters, and recomputes today's batch.
 demo: install
-	$(PY) -m pipelines.select_batch --demo --output_dir demo_output/selection --overwrite
+	$(PY) -m pipelines.nightly --demo --work_dir demo_output/work --replace_batch
 
 # The test suite (what CI runs).
 test: install
