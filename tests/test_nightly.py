@@ -218,3 +218,44 @@ def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night,
     assert all(cid < 0 for i, cid in zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist())
                if i.startswith("new-"))  # singletons (synthetic negative ids)
     assert c["selected_unclustered"] == len(new_in_batch)
+
+
+def test_report_numbers_equal_a_direct_count(tmp_path):
+    """cm_beam.report's streaming histograms against numpy over the whole tables."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cm_beam import report
+
+    rng = np.random.default_rng(1)
+    n = 500
+    ids = [f"x{i}" for i in range(n)]
+    margin = rng.random(n).astype(np.float32)
+    predicted = rng.integers(0, 4, n).astype(np.int32)
+    cluster = rng.integers(0, 60, n).astype(np.int64)
+    sizes = np.bincount(cluster)[cluster]
+    for part, rows in enumerate(np.array_split(np.arange(n), 3)):  # three files
+        pq.write_table(pa.table({"example_id": [ids[i] for i in rows], "margin": margin[rows],
+                                 "predicted_class": predicted[rows]}), str(tmp_path / f"embeddings-{part}.parquet"))
+        pq.write_table(pa.table({"example_id": [ids[i] for i in rows], "cluster_id": cluster[rows],
+                                 "cluster_size": sizes[rows]}), str(tmp_path / f"clusters-{part}.parquet"))
+        pq.write_table(pa.table({"example_id": [ids[i] for i in rows], "cluster_id": cluster[rows]}),
+                       str(tmp_path / f"nosize-{part}.parquet"))
+    chosen = rng.choice(n, 40, replace=False)
+    pq.write_table(pa.table({"example_id": [ids[i] for i in chosen], "margin": margin[chosen],
+                             "cluster_id": cluster[chosen]}), str(tmp_path / "selection-0.parquet"))
+    expected_sizes = {str(s): int(c) for s, c in zip(*np.unique(np.bincount(cluster)[np.unique(cluster)], return_counts=True))}
+    for clusters_glob in ("clusters-*.parquet", "nosize-*.parquet"):  # with and without cluster_size
+        numbers = report.collect(str(tmp_path / "embeddings-*.parquet"), str(tmp_path / clusters_glob),
+                                 str(tmp_path / "selection-*.parquet"))
+        assert numbers["clusters_by_size"] == expected_sizes
+        assert numbers["num_clusters"] == len(np.unique(cluster))
+    assert numbers["pool_margin_hist"] == np.histogram(margin, report.MARGIN_BINS)[0].tolist()
+    assert numbers["batch_margin_hist"] == np.histogram(margin[chosen], report.MARGIN_BINS)[0].tolist()
+    assert numbers["pool_predicted_classes"] == {str(c): int(k) for c, k in zip(*np.unique(predicted, return_counts=True))}
+    assert numbers["batch_predicted_classes"] == {str(c): int(k) for c, k in
+                                                  zip(*np.unique(predicted[chosen], return_counts=True))}
+    assert numbers["batch_clusters"] == len(np.unique(cluster[chosen]))
+    assert numbers["batch_max_picks_per_cluster"] == int(np.bincount(cluster[chosen]).max())
+    paths = report.plot(numbers, str(tmp_path / "plots"))
+    assert all(os.path.getsize(p) > 5000 for p in paths)
