@@ -149,6 +149,19 @@ class _Visitor(PipelineVisitor):
         return [bag for pcoll, bag in self.bags.items() if pcoll not in self.consumed]
 
 
+class _Result(beam_dask.DaskRunnerResult):
+    """Beam's result, plus: the client is closed once the job is over (it would
+    otherwise keep reconnecting to a scheduler that may be gone)."""
+
+    def wait_until_finish(self, duration=None) -> str:
+        try:
+            return super().wait_until_finish(duration)
+        finally:
+            if self._state in ("DONE", "FAILED", "CANCELLED"):
+                self._cm_beam_keep_alive = None
+                self.client.close()
+
+
 class DaskRunner(beam_dask.DaskRunner):
     """Runs a Beam pipeline on a dask.distributed cluster (all outputs, all sinks)."""
 
@@ -164,7 +177,7 @@ class DaskRunner(beam_dask.DaskRunner):
         pipeline.visit(visitor)
         leaves = visitor.leaves()
         futures = client.compute(list(dask.optimize(*leaves))) if leaves else []
-        result = beam_dask.DaskRunnerResult(client, futures)
+        result = _Result(client, futures)
         # The persisted side inputs are futures that tasks read by key: keep them
         # referenced until the job is over, or the scheduler releases them.
         result._cm_beam_keep_alive = visitor.bags

@@ -121,6 +121,36 @@ class WorkDir:
             return None
         return CompleteDir(directory, manifest)
 
+    def complete_embeddings(self) -> List[CompleteDir]:
+        """Complete embedding directories, oldest first (by completion time)."""
+        found = []
+        for directory in _subdirs(artifacts.join(self.root, EMBEDDINGS)):
+            manifest = artifacts.read_manifest(directory)
+            if manifest is not None:
+                found.append(CompleteDir(directory, manifest))
+        return sorted(found, key=lambda d: (d.completed_at, d.path))
+
+    def prune_embeddings(self, keep: int, in_use: str) -> List[str]:
+        """Deletes complete embeddings beyond the newest `keep` (never `in_use`); returns them.
+
+        Old nights' embeddings serve nothing once their batch is written (clusters and
+        batches are self-contained), and each is the size of the pool's vectors.
+        """
+        if keep <= 0:
+            return []
+        complete = [d for d in self.complete_embeddings() if d.path.rstrip("/") != in_use.rstrip("/")]
+        doomed = complete[: max(0, len(complete) - (keep - 1))]
+        for directory in doomed:
+            # Manifest first: an interrupted delete leaves an incomplete directory, never a
+            # complete-looking one with missing shards.
+            FileSystems.delete([artifacts.join(directory.path, artifacts.MANIFEST_NAME)])
+            rest = artifacts.list_files(directory.path)
+            if rest:
+                FileSystems.delete(rest)
+            if FileSystems.exists(directory.path):
+                FileSystems.delete([directory.path])
+        return [d.path for d in doomed]
+
     # Clusters -----------------------------------------------------------------
     def clusters_root(self, pool_key: str) -> str:
         return artifacts.join(self.root, CLUSTERS, pool_key)

@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("--embed_arg", action="append", default=[], help="A raw flag for cm-embed, e.g. --embed_arg=--fetch_threads=32. Repeatable.")
     raw.add_argument("--cluster_arg", action="append", default=[], help="A raw flag for cm-cluster. Repeatable.")
     raw.add_argument("--select_arg", action="append", default=[], help="A raw flag for cm-select. Repeatable.")
+    io.add_argument("--keep_embeddings", type=cm_runner.non_negative_int, default=7,
+                    help="After a complete batch, delete all but the newest N nights' embeddings (0 keeps all).")
     out = p.add_argument_group("report and demo")
     out.add_argument("--report", type=cm_runner.str2bool, default=None,
                      help="Write PNG plots (margins, cluster sizes, class mix) to <batch>/report (default: true with --demo).")
@@ -340,6 +342,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         progress.end("report", begun, "ran", f"{len(written['plots'])} plots in {artifacts.join(batch_dir, nw.REPORT)}",
                      output=artifacts.join(batch_dir, nw.REPORT), plots=written["plots"])
         summary["report"] = written
+    summary["pruned_embeddings"] = work.prune_embeddings(args.keep_embeddings, embeddings.path)
     summary["wall_seconds"] = round(time.time() - started, 3)
     # After the batch's manifest: a summary for people; the batch's completeness is cm-select's manifest.
     artifacts.write_json(artifacts.join(batch_dir, nw.NIGHTLY_SUMMARY), summary)

@@ -204,10 +204,13 @@ def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night,
 
     argv = same_night_flags(first_night)
     argv[argv.index("--model") + 1] = new_model
-    summary = nightly.run(argv + ["--batch_name", "grown"])
+    summary = nightly.run(argv + ["--batch_name", "grown", "--keep_embeddings", "1"])
     stages = summary["stages"]
     assert stages["embed"]["status"] == "ran" and stages["embed"]["output"] != first_night["summary"]["embeddings"]
     assert stages["cluster"]["status"] == "cached" and summary["clusters"] == first_night["summary"]["clusters"]
+    # Only today's embeddings are kept (--keep_embeddings 1); clusters and batches stay.
+    assert summary["pruned_embeddings"] == [first_night["summary"]["embeddings"]]
+    assert os.listdir(work / "embeddings") == [os.path.basename(stages["embed"]["output"])]
     c = summary["counts"]
     assert c["pool"] == POOL_SIZE + 30
     # Eligible examples missing from the cached clusters: exactly the new ones (none is excluded).
