@@ -103,6 +103,11 @@ def _elements_of(pairs, tag):
     return [value for t, value in pairs if t == tag]
 
 
+def _nothing(partition):
+    """A leaf's partition is computed for its effects; nothing travels back to the client."""
+    return []
+
+
 @dataclasses.dataclass
 class _Visitor(PipelineVisitor):
     bag_kwargs: Dict[str, Any]
@@ -175,7 +180,9 @@ class DaskRunner(beam_dask.DaskRunner):
         pipeline.replace_all(dask_overrides())
         visitor = _Visitor(bag_kwargs, client)
         pipeline.visit(visitor)
-        leaves = visitor.leaves()
+        # The result waits on every leaf, and Beam's result gathers what it waits on:
+        # reduce each leaf to empty partitions so no PCollection is shipped to the client.
+        leaves = [bag.map_partitions(_nothing) for bag in visitor.leaves()]
         futures = client.compute(list(dask.optimize(*leaves))) if leaves else []
         result = _Result(client, futures)
         # The persisted side inputs are futures that tasks read by key: keep them

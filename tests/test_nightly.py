@@ -101,9 +101,12 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
     err = capsys.readouterr().err
     assert "cm-nightly [1/3] embed: cached" in err and "cm-nightly [3/3] select: ran" in err
 
-    # A complete batch is not recomputed.
+    # A complete batch is not recomputed (through the command's entry point).
     again = nightly.run(base + ["--batch_name", "day2"])
     assert again["status"] == "already complete" and selection(again["batch_dir"]) == batch2
+    capsys.readouterr()
+    nightly.main(base + ["--batch_name", "day2"])
+    assert "batch already complete" in capsys.readouterr().out
 
     # day1 was labeled and its directory is now in an --exclude list: only day2 is pending.
     day3 = nightly.run(base + ["--batch_name", "day3", "--exclude", str(work / "batches" / "day1")
@@ -171,6 +174,20 @@ def test_flags_fail_before_any_work(tmp_path):
     args, _ = nightly.build_parser().parse_known_args(base + ["--recluster=false", "--exclude", "a.csv,b.csv",
                                                               "--exclude", "c.csv"])
     assert args.recluster is False
+
+
+def test_main_prints_a_summary_per_stage_and_errors_name_the_flag(first_night, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        nightly.main(same_night_flags(first_night) + ["--batch_name", "bad/name"])
+    assert exit_info.value.code == 2 and "--batch_name" in capsys.readouterr().err
+    nightly.main(same_night_flags(first_night) + ["--batch_name", "printed", "--strategy", "margin"])
+    out = capsys.readouterr().out
+    for stage in ("embed    cached", "cluster  cached", "select   ran"):
+        assert f"cm-nightly: {stage}" in out
+    assert f"batch printed: {BATCH} examples" in out
+    with pytest.raises(SystemExit) as exit_info:
+        nightly.main(["--help"])
+    assert exit_info.value.code == 0 and "--distance_threshold" in capsys.readouterr().out
 
 
 def test_work_dir_helpers():
