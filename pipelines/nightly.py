@@ -36,6 +36,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     raw.add_argument("--select_arg", action="append", default=[], help="A raw flag for cm-select. Repeatable.")
     io.add_argument("--keep_embeddings", type=cm_runner.non_negative_int, default=7,
                     help="After a complete batch, delete all but the newest N nights' embeddings (0 keeps all).")
+    io.add_argument("--progress_seconds", type=cm_runner.positive_float, default=60.0,
+                    help="While a stage's job runs, print a progress line this often.")
     out = p.add_argument_group("report and demo")
     out.add_argument("--report", type=cm_runner.str2bool, default=None,
                      help="Write PNG plots (margins, cluster sizes, class mix) to <batch>/report (default: true with --demo).")
@@ -155,18 +158,40 @@ def _stage(name: str) -> Callable[[List[str]], Dict[str, Any]]:
 
 
 class _Progress:
-    """Progress lines on stderr and the per-stage summaries of this run."""
+    """Progress lines on stderr and the per-stage summaries of this run.
 
-    def __init__(self, total: int):
-        self.total, self.index, self.started = total, 0, time.time()
+    While a stage's job runs (hours, on a large pool) a line every `heartbeat`
+    seconds says which stage is still running and for how long.
+    """
+
+    def __init__(self, total: int, heartbeat: float = 60.0):
+        self.total, self.index, self.started, self.heartbeat = total, 0, time.time(), heartbeat
         self.stages: Dict[str, Dict[str, Any]] = {}
+        self._stop: Optional[threading.Event] = None
 
     def begin(self, name: str, what: str) -> float:
         self.index += 1
         print(f"cm-nightly [{self.index}/{self.total}] {name}: {what} ...", file=sys.stderr, flush=True)
-        return time.time()
+        begun = time.time()
+        self._stop_heartbeat()
+        if self.heartbeat > 0:
+            self._stop = stop = threading.Event()
+            label = f"cm-nightly [{self.index}/{self.total}] {name}"
+
+            def beat():
+                while not stop.wait(self.heartbeat):
+                    print(f"{label}: still running ({time.time() - begun:.0f} s)", file=sys.stderr, flush=True)
+
+            threading.Thread(target=beat, name=f"cm-nightly-{name}-heartbeat", daemon=True).start()
+        return begun
+
+    def _stop_heartbeat(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
 
     def end(self, name: str, begun: float, status: str, line: str, **info) -> None:
+        self._stop_heartbeat()
         seconds = round(time.time() - begun, 3)
         self.stages[name] = {"status": status, "seconds": seconds, **info}
         print(f"cm-nightly [{self.index}/{self.total}] {name}: {status}, {line} ({seconds:.1f} s)", file=sys.stderr, flush=True)
@@ -309,10 +334,13 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.distance_threshold is None and (args.recluster or not work.complete_clusters(nw.pool_key(args.pool, args.pool_format))):
         raise InputError("--distance_threshold: required, since the work dir holds no clusters of this pool yet"
                          + (" (--recluster)" if args.recluster else ""))
-    progress = _Progress(total=4 if args.report else 3)
-    embeddings = _embed(args, work, beam_args, progress)
-    clusters = _cluster(args, work, embeddings, beam_args, progress)
-    batch_dir, selection = _select(args, work, embeddings, clusters, beam_args, progress)
+    progress = _Progress(total=4 if args.report else 3, heartbeat=args.progress_seconds)
+    try:
+        embeddings = _embed(args, work, beam_args, progress)
+        clusters = _cluster(args, work, embeddings, beam_args, progress)
+        batch_dir, selection = _select(args, work, embeddings, clusters, beam_args, progress)
+    finally:
+        progress._stop_heartbeat()  # a failed stage must not leave its heartbeat printing
 
     summary: Dict[str, Any] = {
         "status": "complete",
@@ -332,13 +360,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         from cm_beam import report
 
         begun = progress.begin("report", "plotting margins, cluster sizes and the class mix")
-        written = report.write_report(
-            artifacts.join(batch_dir, nw.REPORT),
-            embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
-            clusters=artifacts.join(clusters.path, CLUSTER_SHARDS),
-            selection=nw.selection_glob(batch_dir),
-            labels=demo["labels"] if demo else None,
-        )
+        try:
+            written = _write_report(report, args, embeddings, clusters, batch_dir, demo)
+        finally:
+            progress._stop_heartbeat()
         progress.end("report", begun, "ran", f"{len(written['plots'])} plots in {artifacts.join(batch_dir, nw.REPORT)}",
                      output=artifacts.join(batch_dir, nw.REPORT), plots=written["plots"])
         summary["report"] = written
@@ -347,6 +372,16 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # After the batch's manifest: a summary for people; the batch's completeness is cm-select's manifest.
     artifacts.write_json(artifacts.join(batch_dir, nw.NIGHTLY_SUMMARY), summary)
     return summary
+
+
+def _write_report(report, args, embeddings, clusters, batch_dir, demo) -> Dict[str, Any]:
+    return report.write_report(
+        artifacts.join(batch_dir, nw.REPORT),
+        embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
+        clusters=artifacts.join(clusters.path, CLUSTER_SHARDS),
+        selection=nw.selection_glob(batch_dir),
+        labels=demo["labels"] if demo else None,
+    )
 
 
 def _exists(path: str) -> bool:

@@ -13,6 +13,7 @@
 
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -116,7 +117,7 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
     assert not set(batch3) & (set(day1) | set(batch2) | set(ids_of(demo["labeled"])))
 
 
-def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch):
+def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch, capsys):
     from cm_beam import cluster as cluster_module
     from pipelines import select_batch
 
@@ -126,7 +127,8 @@ def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(fir
     argv = ["--pool", str(demo / "pool" / "pool.csv"), "--model", str(demo / "model.keras"), "--image_size", "32",
             "--pool_format", "manifest",
             "--work_dir", str(work), "--batch_size", str(BATCH), "--exclude", str(demo / "labeled.csv"),
-            "--distance_threshold", nightly.DEMO_DISTANCE_THRESHOLD.__str__(), "--seed", "3", "--batch_name", "day1"] + FN
+            "--distance_threshold", str(nightly.DEMO_DISTANCE_THRESHOLD), "--seed", "3", "--batch_name", "day1",
+            "--progress_seconds", "0.5"] + FN
     layout = nw.WorkDir(str(work))
 
     # 1. The cluster job dies midway (a worker error inside its Beam pipeline).
@@ -140,6 +142,10 @@ def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(fir
     with pytest.raises(Exception, match="injected failure in cm-cluster"):
         nightly.run(argv)
     monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "cm-nightly [2/3] cluster: still running" in err  # progress while a stage's job runs
+    time.sleep(1.2)
+    assert "still running" not in capsys.readouterr().err  # and the failed stage's heartbeat stopped
     assert layout.complete_batches() == [] and not os.path.exists(layout.batch_dir("day1"))
     assert len(os.listdir(work / "embeddings")) == 1  # the embed stage had finished
 
