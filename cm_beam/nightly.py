@@ -188,8 +188,12 @@ class WorkDir:
         return [d for d in _all_subdirs(self.batches_root()) if d not in complete]
 
 
-def batch_name_of(directory: str) -> str:
+def dir_name(directory: str) -> str:
+    """The last component of a directory path (local or gs://)."""
     return directory.rstrip("/").rsplit("/", 1)[-1]
+
+
+batch_name_of = dir_name  # a batch is named by its directory
 
 
 def selection_glob(batch_dir: str) -> str:

@@ -261,7 +261,8 @@ def _embed(args, work: nw.WorkDir, beam_args, progress: _Progress) -> nw.Complet
 def _cluster(args, work: nw.WorkDir, embeddings: nw.CompleteDir, beam_args, progress: _Progress) -> nw.CompleteDir:
     pool_key = nw.pool_key(args.pool, args.pool_format)
     flags = {k: getattr(args, k) for k in CLUSTER_FLAGS}
-    key = nw.stable_hash({"embeddings": nw.batch_name_of(embeddings.path), "flags": flags, "raw": args.cluster_arg})
+    # Keyed by the embeddings it is built from (their directory name is their key).
+    key = nw.stable_hash({"embeddings": nw.dir_name(embeddings.path), "flags": flags, "raw": args.cluster_arg})
     directory = work.clusters_dir(pool_key, key)
     existing = work.complete_clusters(pool_key)
     begun = progress.begin("cluster", f"looking for clusters of this pool under {work.clusters_root(pool_key)}")
