@@ -231,6 +231,12 @@ def main(argv=None):
         "baseline_predict_images_per_s": base,
         "baseline_loop_images_per_s": loop,
         "ratio_vs_predict": cm / base,
+        # Each repeat ran its measurements back to back under similar load: the ratio within
+        # a repeat is the side-by-side figure; its median is robust to load drift between repeats.
+        "paired_ratios_vs_predict": [c["images_per_s"] / b["images_per_s"] for c, b in
+                                     zip(runs[f"cm_embed_{best}"], runs["baseline_predict"])],
+        "median_paired_ratio_vs_predict": statistics.median(
+            c["images_per_s"] / b["images_per_s"] for c, b in zip(runs[f"cm_embed_{best}"], runs["baseline_predict"])),
         "ratio_vs_loop": cm / loop,
         "target_ratio_vs_predict": 0.85,
         "noise": "The 2-core machine is shared with other engineers' jobs that do not all take the benchmark "
@@ -246,7 +252,8 @@ def main(argv=None):
         json.dump(result, f, indent=2)
     print(json.dumps({k: result[k] for k in ("best_cm_embed_config", "cm_embed_images_per_s",
                                              "baseline_predict_images_per_s", "baseline_loop_images_per_s",
-                                             "ratio_vs_predict", "ratio_vs_loop")}, indent=2))
+                                             "ratio_vs_predict", "median_paired_ratio_vs_predict",
+                                             "ratio_vs_loop")}, indent=2))
 
 
 if __name__ == "__main__":
