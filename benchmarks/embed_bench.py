@@ -12,7 +12,8 @@ embedding. Every measurement runs in its own process on this machine's cores.
   prefetch) into `model.predict` of the embedding+probs model; timed from the first
   batch request to the last output (model load excluded).
 * baseline `loop`: the same dataset into a compiled `tf.function` model call per
-  batch (the fastest plain loop we know; reported for honesty, not the target).
+  batch, traced like cm-embed's (static batch dimension for full batches); reported
+  for honesty, not the target.
 * `cm-embed` configurations (FnApiRunner, 1 or 2 worker processes, TF intra-op
   threads per worker); timed as the pipeline's own wall time from manifest.json
   (includes worker start-up and model loading in every worker, which the baselines
@@ -117,8 +118,7 @@ if mode == "predict":
     out = model.predict(ds, verbose=0)
     n = len(out["embedding"])
 else:
-    fn = tf.function(lambda x: model(x, training=False),
-                     input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
     n = 0
     for x in ds:
         out = fn(x)
