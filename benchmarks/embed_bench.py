@@ -205,6 +205,11 @@ def main(argv=None):
             print("cm-embed", c, res, flush=True)
         runs["baseline_loop"].append(run_baseline(args.work_dir, model, args.image_size, args.batch_size, "loop"))
         print("baseline loop", runs["baseline_loop"][-1], flush=True)
+        write_results(runs, configs, args, argv, r + 1)
+
+
+def write_results(runs, configs, args, argv, repeats_done):
+    """Writes the JSON after every repeat, so an interrupted run still leaves its completed repeats."""
 
     summary = {name: {"median_images_per_s": statistics.median(r["images_per_s"] for r in rs),
                       "median_seconds": statistics.median(r["seconds"] for r in rs), "runs": rs}
@@ -225,6 +230,7 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "repeats": args.repeats,
+        "repeats_completed": repeats_done,
         "results": summary,
         "best_cm_embed_config": best,
         "cm_embed_images_per_s": cm,
