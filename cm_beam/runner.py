@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -22,7 +22,9 @@ from apache_beam.runners.runner import PipelineState
 _LOG = logging.getLogger("cm_beam")
 
 RUNNER_ALIASES = {
-    "DaskRunner": "apache_beam.runners.dask.dask_runner.DaskRunner",
+    # Beam 2.77's own DaskRunner mixes a ParDo's tagged outputs and computes only the
+    # last sink; cm_beam.dask_runner fixes both (see its docstring).
+    "DaskRunner": "cm_beam.dask_runner.DaskRunner",
 }
 DEFAULT_RUNNER = "FnApiRunner"
 
@@ -56,17 +58,38 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+class JobNotExecuted(RuntimeError):
+    """The runner built the job without running it (`--dry_run`, `--template_location`).
+
+    Such a run reports DONE, but its outputs do not exist: callers must not write a
+    manifest, so `run_pipeline` raises this instead of returning.
+    """
+
+
+def _translation_only(options: PipelineOptions) -> Optional[str]:
+    all_options = options.get_all_options(drop_default=True)
+    if all_options.get("dry_run"):
+        return "--dry_run"
+    if all_options.get("template_location"):
+        return "--template_location"
+    return None
+
+
 def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline") -> float:
     """Runs `pipeline` to completion; returns its wall time in seconds.
 
     Raises RuntimeError if the job ends in any state but DONE (e.g. a Dataflow job
-    that was cancelled), so that no caller marks a failed run's output complete.
+    that was cancelled), so that no caller marks a failed run's output complete, and
+    JobNotExecuted if the options only build the job.
     """
     start = time.time()
     result = pipeline.run()
     state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
         raise RuntimeError(f"{what} ended in state {state}, not DONE")
+    flag = _translation_only(pipeline._options)
+    if flag:
+        raise JobNotExecuted(f"{what}: the job was built but not run ({flag}); no output, no manifest")
     return time.time() - start
 
 

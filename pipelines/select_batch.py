@@ -198,6 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except InputError as e:
         print(f"cm-select: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except cm_runner.JobNotExecuted as e:
+        print(f"cm-select: {e}")
+        return
     c = manifest["counts"]
     clusters = c["clusters_touched"] if c["clusters_touched"] is not None else "-"
     print(

@@ -233,3 +233,17 @@ def test_invalid_flags_fail_naming_the_flag(pool, tmp_path, capsys):
             select_batch.run(["--scores", pool["scores"], "--clusters", pool["clusters"], "--output_dir", str(tmp_path / "o")] + argv)
         assert flag in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
+    pytest.importorskip("google.cloud.dataflow_v1beta3")
+    from cm_beam.runner import JobNotExecuted
+
+    out = tmp_path / "out"
+    dataflow = ["--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
+                "--temp_location=gs://cm-beam-dry-run/tmp", "--sdk_container_image=example/cm-beam:test",
+                "--sdk_location=container"]
+    with pytest.raises(JobNotExecuted, match="--dry_run"):
+        select_batch.run(["--scores", pool["scores"], "--clusters", pool["clusters"], "--batch_size", "10",
+                          "--output_dir", str(out)] + dataflow)
+    assert not (out / "manifest.json").exists()
