@@ -513,6 +513,9 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
         lines.append("Completed curves (seeds): " + ", ".join(
             f"{s} {len(done[s])}/{len(expected_seeds)}" for s in strategies) + ".")
         lines.append("")
+        if not entry["curves"]:
+            lines += ["No curve of this setting completed yet.", ""]
+            continue
         header = "| strategy | seeds | " + " | ".join(f"labels to {t:.0%}" for t in targets) + f" | accuracy at {budget:,} |"
         lines += [header, "|" + "---|" * (len(targets) + 3)]
         for s, curve in entry["curves"].items():
@@ -521,6 +524,13 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
             final = f"{curve['accuracy_mean'][-1]:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
             lines.append(f"| {s} | {len(done[s])} | " + " | ".join(cells) + f" | {final} |")
         lines.append("")
+        if name == "redundant" and detail["curves"]:
+            distinct = {s: float(np.mean(d["distinct_sources_per_batch"])) for s, d in detail["curves"].items()
+                        if d.get("distinct_sources_per_batch")}
+            lines.append(f"Distinct source images per batch of {c.batch_size:,} (mean over rounds and seeds; "
+                         f"each source has {c.redundant_copies} near-copies in the pool): "
+                         + ", ".join(f"{s} {v:,.0f}" for s, v in distinct.items()) + ".")
+            lines.append("")
         saving = savings_at_margin_final(entry["curves"])
         if saving:
             lines.append(_saving_sentence(saving, budget))
@@ -528,7 +538,8 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
         if name in plot_paths:
             lines.append(f"![{name}]({plot_paths[name]})")
             lines.append("")
-    lines.append("Labels to reach an accuracy are read off the mean curve, linearly between measured points; "
+    lines.append("Labels to reach an accuracy: where the mean curve first reaches it, interpolated linearly between the "
+                 f"measured points (every {c.batch_size:,} labels, so a rough reading); "
                  f"`> {c.seed_size + c.rounds * c.batch_size:,}` = not reached within the budget. "
                  "± is the standard error over seeds.")
     return "\n".join(lines) + "\n"
