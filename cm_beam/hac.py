@@ -157,7 +157,11 @@ def _send_ghosts(kv):
         if q == shard:
             continue
         need = np.unique(src[dshard == q])
-        yield int(q), ("ghost", c.take(lookup(c.ids, need)))
+        pos = lookup(c.ids, need)
+        if (pos < 0).any():  # edges must start at this shard's own clusters
+            raise AssertionError(f"shard {shard}: {int((pos < 0).sum())} edge sources are not its clusters "
+                                 f"(e.g. {int(need[pos < 0][0])} of shard {int(shard_of(need[pos < 0][:1])[0])})")
+        yield int(q), ("ghost", c.take(pos))
 
 
 def _nearest(kv, eps, metric, round_index):
@@ -178,7 +182,12 @@ def _nearest(kv, eps, metric, round_index):
         a, b = np.minimum(src, dst), np.maximum(src, dst)
         ia, ib = lookup(table.ids, a), lookup(table.ids, b)
         if (ia < 0).any() or (ib < 0).any():  # adjacency must be symmetric: a bug otherwise
-            raise AssertionError(f"shard {shard}: an edge's far end sent no state")
+            miss = np.concatenate([a[ia < 0], b[ib < 0]])
+            raise AssertionError(
+                f"shard {shard}: {len(miss)} edges' far ends sent no state (e.g. id {int(miss[0])} of shard "
+                f"{int(shard_of(miss[:1])[0])}; far shards missing {sorted(set(shard_of(miss).tolist()))}; "
+                f"ghosts from {sorted(set(shard_of(np.concatenate([g.ids for g in ghosts])).tolist())) if ghosts else []}; "
+                f"own clusters {len(c)}, edges {len(src)})")
         link = hk.edge_linkage(table, ia, table, ib, metric)
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
