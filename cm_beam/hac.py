@@ -109,6 +109,8 @@ def _initial_state(kv, metric):
         else:
             srcs.append(value[0]); dsts.append(value[1])
     if not blocks:
+        if srcs:  # never legitimate: every edge starts at a point of this shard
+            raise AssertionError(f"shard {shard}: {sum(len(x) for x in srcs)} edges arrived without the shard's points")
         return []
     ids = np.concatenate([b["ids"] for b in blocks])
     labels = np.concatenate([b["labels"] for b in blocks])
