@@ -524,6 +524,20 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
             final = f"{curve['accuracy_mean'][-1]:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
             lines.append(f"| {s} | {len(done[s])} | " + " | ".join(cells) + f" | {final} |")
         lines.append("")
+        cm_info = [sel.get("clusters") for sel in detail["curves"].get("cluster_margin", {}).get("selector", [])]
+        cm_info = [x for x in cm_info if x]
+        if cm_info:
+            lines.append("Clusters (cm-cluster on each seed model's pool embeddings): " + "; ".join(
+                f"eps {x['distance_threshold']:.4f}, {x['num_clusters']:,} clusters, mean size {x['mean_cluster_size']:.2f}, "
+                f"largest {x['max_cluster_size']:,}, {x['singletons']:,} singletons" for x in cm_info) + ".")
+            lines.append("")
+        drops = [(max(0.0, max(a - b for a, b in zip(acc[:-1], acc[1:]))), s)
+                 for s, d in detail["curves"].items() for acc in d["accuracy_per_seed"]]
+        if drops and min(len(d["seeds"]) for d in detail["curves"].values()) < 2:
+            worst = max(drops)
+            lines.append(f"Noise: a curve with one seed has no error band; the largest accuracy drop between two consecutive "
+                         f"rounds of a single curve here is {worst[0]:.4f} ({worst[1]}), a measure of how noisy one training run is.")
+            lines.append("")
         if name == "redundant" and detail["curves"]:
             distinct = {s: float(np.mean(d["distinct_sources_per_batch"])) for s, d in detail["curves"].items()
                         if d.get("distinct_sources_per_batch")}
@@ -533,7 +547,7 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
             lines.append("")
         saving = savings_at_margin_final(entry["curves"])
         if saving:
-            lines.append(_saving_sentence(saving, budget))
+            lines.append(_saving_sentence(saving, budget, entry["curves"]))
             lines.append("")
         if name in plot_paths:
             lines.append(f"![{name}]({plot_paths[name]})")
@@ -545,21 +559,31 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
     return "\n".join(lines) + "\n"
 
 
-def _saving_sentence(saving: dict, budget: int) -> str:
+def _saving_sentence(saving: dict, budget: int, curves: Dict[str, dict]) -> str:
     need = saving["labels_needed"]
-    parts = [f"At Margin's final accuracy ({saving['target_accuracy']:.4f}): Cluster-Margin needs "
-             f"{_fmt_labels(need.get('cluster_margin'), budget)} labels, Margin {_fmt_labels(need.get('margin'), budget)}"]
+    final = {k: c["accuracy_mean"][-1] for k, c in curves.items()}
+    text = (f"At Margin's final accuracy ({saving['target_accuracy']:.4f}): Margin needs "
+            f"{_fmt_labels(need.get('margin'), budget)} labels, Cluster-Margin {_fmt_labels(need.get('cluster_margin'), budget)}")
     if "random" in need:
-        parts.append(f", Random {_fmt_labels(need.get('random'), budget)}")
-    text = "".join(parts) + "."
+        text += f", Random {_fmt_labels(need.get('random'), budget)}"
+    text += "."
+    cm = need.get("cluster_margin")
     for other in ("margin", "random"):
+        if other not in need:
+            continue
+        name = other.capitalize()
         if f"saved_vs_{other}" in saving:
             v = saving[f"saved_vs_{other}"]
-            text += f" vs {other.capitalize()}: {'saves' if v >= 0 else 'loses'} {abs(v):,.0f} labels."
+            text += f" Against {name}, Cluster-Margin {'saves' if v >= 0 else 'loses'} {abs(v):,.0f} labels."
         elif f"saved_vs_{other}_at_least" in saving:
-            text += f" vs {other.capitalize()}: saves at least {saving[f'saved_vs_{other}_at_least']:,.0f} labels."
-        elif f"lost_vs_{other}_at_least" in saving:
-            text += f" vs {other.capitalize()}: loses at least {saving[f'lost_vs_{other}_at_least']:,.0f} labels."
+            text += (f" Against {name} (which does not reach it within {budget:,}), Cluster-Margin saves at least "
+                     f"{saving[f'saved_vs_{other}_at_least']:,.0f} labels.")
+        elif cm is None and need.get(other) is not None:
+            text += (f" Against {name}, Cluster-Margin loses: it does not reach that accuracy within the {budget:,}-label "
+                     f"budget (it ends at {final['cluster_margin']:.4f}), so how many labels it would need is not measured.")
+        elif cm is None:
+            text += (f" Neither Cluster-Margin ({final['cluster_margin']:.4f} at {budget:,}) nor {name} "
+                     f"({final[other]:.4f}) reaches it within the budget, so no label count can be compared with {name} there.")
     return text
 
 
