@@ -501,7 +501,10 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
         "",
         f"Command: `{result['command']}` (2 shared CPU cores; each curve under `flock /tmp/cm-bench.lock`). "
         "Data: `benchmarks/results/label_efficiency.json`; per-seed curves, cluster statistics and timings: "
-        "`benchmarks/results/label_efficiency_details.json`.",
+        "`benchmarks/results/label_efficiency_details.json`. A rerun of the command resumes: finished curves "
+        "(`benchmarks/results/label_efficiency/curves/`) are skipped; `--report_only` rewrites the JSON, the plots "
+        "and this section from them. `--quick` runs the whole loop on a tiny budget in about a minute "
+        "(`tests/test_label_efficiency_quick.py`).",
         "",
     ]
     for entry, detail in zip(result["settings"], details["settings"]):
