@@ -70,7 +70,10 @@ def main(argv=None):
     runs = {"numpy": [], "beam": [], "beam_inprocess_1_worker": []}
     for i in range(args.repeats):
         for name, cmd in (("numpy", numpy_cmd), ("beam", beam_cmd), ("beam_inprocess_1_worker", beam_inprocess_cmd)):
+            load_before = os.getloadavg()[0]
             r = run_measured(cmd, env=env, log_path=os.path.join(args.workdir, f"{name}-{i}.log"))
+            # The machine is shared: keep the load beside each run, so a noisy run shows.
+            r["loadavg_1min_before_after"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             runs[name].append(r)
             print(f"run {i} {name}: {r['wall_seconds']:.2f}s, peak {r['peak_rss_mb']:.0f} MB", flush=True)
 
