@@ -47,6 +47,7 @@ setup(
             "fastcluster>=1.2",
             "scikit-learn>=1.3",
             "pyyaml>=6",
+            "psutil>=5",  # benchmarks: memory of process trees
         ],
     },
     entry_points={
