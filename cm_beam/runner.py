@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -143,3 +144,25 @@ def configure_logging() -> None:
     # Beam's worker harness is chatty at INFO; keep our own progress readable.
     for noisy in ("apache_beam", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(prog: str, run: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]],
+             summarize: Callable[[Any], None]) -> None:
+    """The body of every command's `main`: logging, run, one error line for bad input.
+
+    Bad input (InputError) prints `<prog>: error: ...` and exits 2, with no traceback:
+    the message already names the flag, file or row. A job that was only built
+    (--dry_run, --template_location) says so and writes nothing.
+    """
+    from cm_beam.errors import InputError
+
+    configure_logging()
+    try:
+        result = run(argv)
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except JobNotExecuted as e:
+        print(f"{prog}: {e}")
+        return
+    summarize(result)

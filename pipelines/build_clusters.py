@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
 import time
 from typing import Dict, Optional, Sequence
 
@@ -160,12 +159,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cm_runner.configure_logging()
-    try:
-        manifest = run(argv)
-    except InputError as e:
-        print(f"cm-cluster: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cm_runner.run_main("cm-cluster", run, argv, _print_summary)
+
+
+def _print_summary(manifest) -> None:
     c = manifest["counts"]
     recall = manifest.get("knn_recall") or {}
     recall_text = f", kNN recall@k {recall['recall_at_k']:.3f}" if recall.get("recall_at_k") is not None else ""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -29,11 +28,10 @@ import apache_beam as beam
 
 from cm_beam import artifacts, image_sources, table_io
 from cm_beam.embed import DEFAULT_INFERENCE_BATCH_SIZE, EmbedAndScore
-from cm_beam.errors import InputError
 from cm_beam.keras_model_handler import MARGIN_REDUCES, REJECTED_SCHEMA, check_model, output_schema
 from cm_beam.runner import (
     add_output_flags,
-    configure_logging,
+    run_main,
     non_negative_int,
     pipeline_options,
     positive_int,
@@ -181,20 +179,17 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    configure_logging()
     started = time.time()
-    try:
-        summary = run(argv)
-    except InputError as e:
-        print(f"cm-embed: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    c = summary["counts"]
-    print(
-        f"cm-embed: {c['embedded']} embedded, {c['rejected']} rejected of {c['read']} read "
-        f"in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s; "
-        f"{time.time() - started:.1f} s with start-up) -> {summary['outputs']['embeddings']}"
-    )
 
+    def print_summary(summary) -> None:
+        c = summary["counts"]
+        print(
+            f"cm-embed: {c['embedded']} embedded, {c['rejected']} rejected of {c['read']} read "
+            f"in {summary['wall_time_s']:.1f} s ({summary['images_per_s']} images/s; "
+            f"{time.time() - started:.1f} s with start-up) -> {summary['outputs']['embeddings']}"
+        )
+
+    run_main("cm-embed", run, argv, print_summary)
 
 if __name__ == "__main__":
     main()

@@ -392,12 +392,10 @@ def _exists(path: str) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cm_runner.configure_logging()
-    try:
-        summary = run(argv)
-    except InputError as e:
-        print(f"cm-nightly: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cm_runner.run_main("cm-nightly", run, argv, _print_summary)
+
+
+def _print_summary(summary) -> None:
     if summary.get("status") == "already complete":
         print(f"cm-nightly: batch already complete: {summary.get('batch_dir')}")
         return

@@ -15,7 +15,6 @@ that are not valid, with a reason) and `manifest.json` last.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from cm_beam import artifacts, table_io
@@ -192,15 +190,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cm_runner.configure_logging()
-    try:
-        manifest = run(argv)
-    except InputError as e:
-        print(f"cm-select: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except cm_runner.JobNotExecuted as e:
-        print(f"cm-select: {e}")
-        return
+    cm_runner.run_main("cm-select", run, argv, _print_summary)
+
+
+def _print_summary(manifest) -> None:
     c = manifest["counts"]
     clusters = c["clusters_touched"] if c["clusters_touched"] is not None else "-"
     print(
