@@ -31,31 +31,17 @@ Spatial shards keep most edges, and so most messages, inside one shard.
 
 from __future__ import annotations
 
-import time
-from typing import Dict, List
+from typing import Dict
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
 from cm_beam.hac_kernels import Clusters, lookup, shard_of
+from cm_beam.knn_graph import _Timer  # one stage timer for every cm-cluster stage
 
 _EMPTY = np.zeros(0, np.int64)
-
-
-class _Timer:
-    def __init__(self, name: str):
-        self._counter = Metrics.counter("cm_cluster", f"ms_{name}")
-
-    def __enter__(self):
-        self._t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self._counter.inc(int(1000 * (time.perf_counter() - self._t)))
-        return False
 
 
 def _state(clusters, members, src, dst) -> Dict:

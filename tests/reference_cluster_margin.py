@@ -8,7 +8,7 @@ part of the specification of a deterministic batch, not of the algorithm.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import numpy as np
 
