@@ -17,6 +17,8 @@ Strategies: `cluster_margin` (the above), `margin` (the k_t most uncertain, in o
 of uncertainty) and `random` (k_t uniformly random eligible examples). Both cuts are
 computed from small aggregates (radix histograms of order keys; counts of clusters
 per size and key-range bucket), so no stage gathers the candidates on one worker;
+rows that cannot reach the margin pool are pruned before the join (only their ids
+are checked and counted), so the later stages see about k_m rows, not the pool;
 the same inputs and seed give the same batch on any runner and number of workers.
 
 Example:
@@ -164,8 +166,29 @@ class SelectBatch(beam.PTransform):
             impl.ScoreBlockFn(self.uncertainty, self.score_column, self.multilabel, self.multilabel_reduce, self.num_classes)
         ).with_outputs(impl.ScoreBlockFn.REJECTED, impl.ScoreBlockFn.STATS, main="scored")
 
-        # Scores, clusters and exclusions meet in example_id-hash buckets.
-        routed = [scored.scored | "RouteScores" >> beam.FlatMap(impl.route_by_id_hash, "scores", nj)]
+        # Scores, clusters and exclusions meet in example_id-hash buckets. Scored rows
+        # whose first key digit shows they cannot reach the margin pool go as bare ids
+        # (one summed histogram bounds the cut; each exclusion row may remove one row
+        # of the pool, so the bound counts k_m + #exclusion rows). Random has one
+        # priority for all rows: nothing to prune.
+        if self.strategy == "random":
+            routed = [scored.scored | "RouteScores" >> beam.FlatMap(impl.route_by_id_hash, "scores", nj)]
+        else:
+            first_digits = (
+                scored.scored
+                | "FirstDigitHistogram" >> beam.Map(impl.priority_histogram, self.strategy, self.uncertainty)
+                | "SumFirstDigitHistogram" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
+            )
+            num_exclusions = 0
+            if inputs.get("exclude") is not None:
+                num_exclusions = AsSingleton(
+                    inputs["exclude"]
+                    | "CountExclusionRows" >> beam.Map(lambda b: b.num_rows)
+                    | "SumExclusionRows" >> beam.CombineGlobally(sum).without_defaults(),
+                    default_value=0)
+            routed = [scored.scored | "RouteScores" >> beam.FlatMap(
+                impl.route_scores, self.strategy, self.uncertainty, nj, self.margin_pool_size,
+                AsSingleton(first_digits, default_value=_EMPTY_HIST), num_exclusions)]
         if inputs.get("clusters") is not None:
             # Margin and Random only report the cluster ids; Cluster-Margin selects by them.
             routed.append(inputs["clusters"] | "RouteClusters" >> beam.FlatMap(impl.route_by_id_hash, "clusters", nj))
@@ -259,6 +282,9 @@ class SelectBatch(beam.PTransform):
             "excluded": merged.get("excluded", 0),
             "eligible": merged.get("eligible", 0),
             "unclustered_eligible": merged.get("unclustered_eligible", 0),
+            # Scored rows that could not reach the margin pool, dropped after the join's
+            # checks and counts (diagnostic: how much work the bound saved).
+            "pruned_before_join": merged.get("pruned_before_join", 0),
             "candidates": candidates,
             "candidates_unclustered": merged.get("candidates_unclustered", 0),
             "clusters_touched": hist.num_clusters if cluster_margin else None,

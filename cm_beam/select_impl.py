@@ -6,10 +6,12 @@ blocks, and the two cuts of Cluster-Margin are computed from small aggregates (s
 
 1. `ScoreBlockFn`: the chosen uncertainty of each scores row (from a score column or
    from `probs`); invalid rows go to the rejected output with a reason.
-2. `route_by_id_hash` + `JoinBucketFn`: scores, clusters and exclusions meet in
-   buckets of example_id hash; duplicates fail naming the id; excluded rows drop
-   out; rows with no cluster become singletons. Emits the eligible rows with their
-   uint64 order key and pick-order hash.
+2. `route_scores`, `route_by_id_hash` + `JoinBucketFn`: scores, clusters and
+   exclusions meet in buckets of example_id hash; duplicates fail naming the id;
+   excluded rows drop out; rows with no cluster become singletons. Scored rows that
+   cannot reach the margin pool (their first key digit is above a bound from one
+   summed histogram) travel as bare ids: checked and counted, never emitted. Emits
+   the eligible rows with their uint64 order key and pick-order hash.
 3. Radix selection of the k_m-th smallest order key (four 16-bit histogram passes)
    and a filter that keeps the margin pool M.
 4. `route_by_group_key` + `LayoutBucketFn`: M in key ranges of cluster order key;
@@ -193,6 +195,38 @@ def route_by_id_hash(batch: pa.RecordBatch, tag: str, num_buckets: int):
         yield bucket, (tag, part)
 
 
+def priority_histogram(batch: pa.RecordBatch, strategy: str, uncertainty: str) -> np.ndarray:
+    """Counts of the first radix digit of each scored row's order key (for `route_scores`)."""
+    score = batch.column(SCORED_SCHEMA.get_field_index("score")).to_numpy()
+    digits = sk.priority_digit(priority_for(strategy, score, uncertainty))
+    return np.bincount(digits, minlength=sk.RADIX_BINS).astype(np.int64)
+
+
+def route_scores(batch: pa.RecordBatch, strategy: str, uncertainty: str, num_buckets: int, margin_pool_size: int,
+                 first_digit_hist: Optional[np.ndarray], num_exclusions: int):
+    """Routes scored rows to their join bucket; rows that cannot enter M go as bare ids.
+
+    A row whose first key digit is above `sk.prune_digit` cannot be in the margin
+    pool, so only its example_id travels on ("pruned"): the join still checks it for
+    duplicates and counts it (excluded, eligible, unclustered), but the score, hash
+    and every later stage skip it. On a 1M pool with k_m = 300K that is ~2/3 of the
+    rows.
+    """
+    limit = sk.prune_digit(first_digit_hist, margin_pool_size + num_exclusions)
+    if limit is not None and batch.num_rows:
+        score = batch.column(SCORED_SCHEMA.get_field_index("score")).to_numpy()
+        keep = sk.priority_digit(priority_for(strategy, score, uncertainty)) <= limit
+        if not keep.all():
+            dropped = batch.filter(pa.array(~keep))
+            base = dropped.column(SCORED_SCHEMA.get_field_index("id_hash")).to_numpy()
+            buckets = (derive(base, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
+            ids_only = pa.RecordBatch.from_arrays([dropped.column(0)], names=["example_id"])
+            for bucket, part in split_by_bucket(ids_only, buckets):
+                yield bucket, ("pruned", part)
+            batch = batch.filter(pa.array(keep))
+    yield from route_by_id_hash(batch, "scores", num_buckets)
+
+
 def _first_duplicate(ids: pa.Array) -> Optional[Tuple[str, int]]:
     counts = pc.value_counts(ids)
     if len(counts) == len(ids):
@@ -215,17 +249,21 @@ class JoinBucketFn(beam.DoFn):
 
     def process(self, element):
         _, tagged = element
-        parts: Dict[str, List[pa.RecordBatch]] = {"scores": [], "clusters": [], "exclude": []}
+        parts: Dict[str, List[pa.RecordBatch]] = {"scores": [], "pruned": [], "clusters": [], "exclude": []}
         for tag, batch in tagged:
             parts[tag].append(batch)
         scores = concat_batches(parts["scores"], SCORED_SCHEMA)
         clusters = pa.Table.from_batches(parts["clusters"]) if parts["clusters"] else None
         ids = scores.column(0)
-        dup = _first_duplicate(ids)
+        # Rows pruned before the join (see `route_scores`) are checked and counted
+        # with the rest; only the first len(ids) rows of `all_ids` can be emitted.
+        all_ids = pa.concat_arrays([ids] + [b.column(0) for b in parts["pruned"]]) if parts["pruned"] else ids
+        dup = _first_duplicate(all_ids)
         if dup:
             raise InputError(f"--scores: example_id {dup[0]!r} appears {dup[1]} times")
-        cluster_of = np.zeros(len(ids), dtype=np.int64)
-        has_cluster = np.zeros(len(ids), dtype=bool)
+        n_all = len(all_ids)
+        cluster_of = np.zeros(n_all, dtype=np.int64)
+        has_cluster = np.zeros(n_all, dtype=bool)
         if clusters is not None and clusters.num_rows:
             cluster_ids_col = clusters.column("example_id").combine_chunks()
             dup = _first_duplicate(cluster_ids_col)
@@ -239,13 +277,22 @@ class JoinBucketFn(beam.DoFn):
             if (cid < 0).any():
                 bad = cluster_ids_col[int(np.flatnonzero(cid < 0)[0])].as_py()
                 raise InputError(f"--clusters: example_id {bad!r} has a negative cluster_id (ids must be >= 0)")
-            pos = pc.index_in(ids, value_set=cluster_ids_col)
+            pos = pc.index_in(all_ids, value_set=cluster_ids_col)
             has_cluster = pos.is_valid().to_numpy(zero_copy_only=False)
             cluster_of[has_cluster] = cid[pc.drop_null(pos).to_numpy()]
-        excluded = np.zeros(len(ids), dtype=bool)
+        excluded = np.zeros(n_all, dtype=bool)
         if parts["exclude"]:
             excl = pa.concat_arrays([b.column(b.schema.get_field_index("example_id")) for b in parts["exclude"]])
-            excluded = pc.is_in(ids, value_set=excl).to_numpy(zero_copy_only=False)
+            excluded = pc.is_in(all_ids, value_set=excl).to_numpy(zero_copy_only=False)
+        stats = {
+            "pool_valid": n_all,
+            "excluded": int(excluded.sum()),
+            "eligible": int((~excluded).sum()),
+            "unclustered_eligible": int((~excluded & ~has_cluster).sum()),
+            "pruned_before_join": n_all - len(ids),
+        }
+        n = len(ids)
+        excluded, has_cluster, cluster_of = excluded[:n], has_cluster[:n], cluster_of[:n]
         keep = np.flatnonzero(~excluded)
         kept_ids = ids.take(pa.array(keep))
         score = scores.column(1).to_numpy()[keep]
@@ -257,12 +304,7 @@ class JoinBucketFn(beam.DoFn):
         tie = derive(base, self._seed, TIE_SALT)
         key = sk.order_key(priority_for(self._strategy, score, self._uncertainty), tie)
         pick = derive(base, self._seed, PICK_SALT)
-        yield beam.pvalue.TaggedOutput(self.STATS, {
-            "pool_valid": int(len(ids)),
-            "excluded": int(excluded.sum()),
-            "eligible": int(keep.size),
-            "unclustered_eligible": int(unclustered.sum()),
-        })
+        yield beam.pvalue.TaggedOutput(self.STATS, stats)
         if keep.size:
             yield pa.RecordBatch.from_arrays(
                 [kept_ids, pa.array(cluster), pa.array(score.astype(np.float32)), pa.array(unclustered),

@@ -128,6 +128,26 @@ def radix_state(k: int, histograms: Sequence[np.ndarray]) -> RadixState:
     return state
 
 
+def priority_digit(priority) -> np.ndarray:
+    """The first radix digit of an order key (its top 16 bits), from the priority alone."""
+    return (float32_order_bits(priority) >> np.uint32(32 - RADIX_BITS)).astype(np.int64)
+
+
+def prune_digit(first_digit_hist, k: int):
+    """The largest first digit that one of the k smallest keys can have; None keeps all.
+
+    `first_digit_hist` counts the first digits of the scored rows before exclusions.
+    The returned digit d is the smallest with at least k rows at or below it. With
+    k = k_m + (number of exclusion rows), at least k_m of those rows are eligible, so
+    every key of the margin pool has a first digit <= d: rows above d can be dropped
+    before the join (DESIGN.md's margin-pool cut is unchanged, only cheaper).
+    """
+    if first_digit_hist is None:
+        return None
+    state = radix_step(np.asarray(first_digit_hist, dtype=np.int64), RadixState(k=k))
+    return None if state.exhausted else state.prefix
+
+
 def kth_smallest_in_memory(keys: np.ndarray, k: int) -> RadixState:
     """The whole radix selection on one array: for tests and small inputs."""
     state = RadixState(k=k)

@@ -247,3 +247,49 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
         select_batch.run(["--scores", pool["scores"], "--clusters", pool["clusters"], "--batch_size", "10",
                           "--output_dir", str(out)] + dataflow)
     assert not (out / "manifest.json").exists()
+
+
+def test_rows_pruned_before_the_join_are_still_checked_and_counted(tmp_path):
+    """The bound that prunes scores before the join must leave the batch and every count
+    as without it, even when the exclusions are exactly the most uncertain rows."""
+    tables = make_pool(4000, 600, seed=5, margin_decimals=2)
+    d = tmp_path / "p"
+    scores = write_sharded(tables["scores"], str(d), "scores", num_shards=3, row_group_size=500)
+    clusters_table = tables["clusters"]
+    ids = tables["scores"].column("example_id").to_pylist()
+    margins = tables["scores"].column("margin").to_numpy()
+    order = np.argsort(margins, kind="stable")
+    # Exclude the 300 most uncertain (so the pool must come from below them) and 100 of
+    # the least uncertain (which are pruned: they must still be counted as excluded).
+    excluded = sorted({ids[i] for i in order[:300]} | {ids[i] for i in order[-100:]})
+    pq.write_table(pa.table({"example_id": excluded}), str(d / "labeled.parquet"))
+    # The least uncertain rows lose their cluster rows: pruned *and* unclustered.
+    no_cluster = {ids[i] for i in order[-400:-100]}
+    keep_rows = [i for i, e in enumerate(clusters_table.column("example_id").to_pylist()) if e not in no_cluster]
+    pq.write_table(clusters_table.take(keep_rows), str(d / "clusters.parquet"))
+    cluster_map = dict(zip(clusters_table.column("example_id").to_pylist(), clusters_table.column("cluster_id").to_pylist()))
+    cluster_map = {k: v for k, v in cluster_map.items() if k not in no_cluster}
+    pool = {"scores": scores, "clusters": str(d / "clusters.parquet"), "exclude": [str(d / "labeled.parquet")]}
+    manifest, table = run_select(pool, tmp_path / "out", 60, workers=2, extra=["--margin_pool_size", "500", "--seed", "3"])
+    expected = reference_select(dict(zip(ids, margins.tolist())), cluster_map, excluded, 60, 500, seed=3)
+    assert as_rows(table) == expected
+    counts = manifest["counts"]
+    excluded_set = set(excluded)
+    assert counts["pruned_before_join"] > 2000, "the bound should drop most of this pool before the join"
+    assert counts["excluded"] == len(excluded)
+    assert counts["eligible"] == len(ids) - len(excluded)
+    assert counts["unclustered_eligible"] == sum(1 for e in ids if e not in cluster_map and e not in excluded_set)
+    assert counts["candidates"] == 500
+
+
+def test_duplicate_id_among_pruned_rows_still_fails_naming_it(tmp_path):
+    d = tmp_path / "dup"
+    d.mkdir()
+    ids = [f"e{i}" for i in range(1000)] + ["late", "late"]
+    margins = np.concatenate([np.linspace(0.0, 0.5, 1000), [0.99, 0.98]]).astype(np.float32)
+    pq.write_table(pa.table({"example_id": ids, "margin": margins}), str(d / "s.parquet"))
+    pq.write_table(pa.table({"example_id": ids[:1000], "cluster_id": list(range(1000))}), str(d / "c.parquet"))
+    with pytest.raises(Exception, match=r"--scores: example_id 'late' appears 2 times"):
+        run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out", 5,
+                   extra=["--margin_pool_size", "20"])
+    assert not (tmp_path / "out" / "manifest.json").exists()

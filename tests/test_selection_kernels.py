@@ -118,3 +118,19 @@ def test_bottom_k_is_order_independent():
     perm = rng.permutation(1000)
     b = sk.bottom_k(h[perm], v[perm], 50)
     assert sorted(a[1].tolist()) == sorted(b[1].tolist())
+
+
+@pytest.mark.parametrize("k", [1, 7, 500, 2999, 3000])
+def test_prune_digit_keeps_every_key_of_the_k_smallest_and_no_more_bins(k):
+    rng = np.random.default_rng(k)
+    # Priorities with heavy ties and a spread of magnitudes (several digits).
+    priority = np.round(rng.beta(0.5, 2.0, 3000), 3).astype(np.float32)
+    keys = sk.order_key(priority, rng.integers(0, 2**63, 3000, dtype=np.uint64))
+    digits = sk.priority_digit(priority)
+    assert np.array_equal(digits, (keys >> np.uint64(48)).astype(np.int64)), "the digit is the key's top 16 bits"
+    d = sk.prune_digit(np.bincount(digits, minlength=sk.RADIX_BINS), k)
+    kth = np.sort(keys)[k - 1]
+    assert (digits[keys <= kth] <= d).all()
+    assert (digits < d).sum() < k, "the digit is the smallest that suffices"
+    assert sk.prune_digit(np.bincount(digits, minlength=sk.RADIX_BINS), 3001) is None
+    assert sk.prune_digit(None, k) is None
