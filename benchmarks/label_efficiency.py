@@ -548,6 +548,26 @@ def readme_section(result: dict, details: dict, config: Config, targets: Sequenc
                          f"each source has {c.redundant_copies} near-copies in the pool): "
                          + ", ".join(f"{s} {v:,.0f}" for s, v in distinct.items()) + ".")
             lines.append("")
+        diag = details.get("cluster_diagnostics") or {}
+        cm, m = diag.get(f"{name}/cluster_margin"), diag.get(f"{name}/margin")
+        if cm and m:
+            text = (f"What Cluster-Margin picked (`benchmarks/cluster_margin_diagnostics.py`, "
+                    f"`label_efficiency/cluster_diagnostics.json`, {cm['curves']} curve(s)): with k_m = "
+                    f"{c.margin_pool_factor:g} k_t = {c.margin_pool_factor * c.batch_size:,.0f} the margin pool is "
+                    f"{c.margin_pool_factor * c.batch_size / c.pool_size:.0%} of the pool, and the round robin spreads the "
+                    f"batch over all of it: the median uncertainty rank of its picks among the unlabeled pool is "
+                    f"{cm['median_uncertainty_rank']:,.0f} (Margin's {m['median_uncertainty_rank']:,.0f}), only "
+                    f"{cm['share_in_top_k_t']:.0%} of them are among the {c.batch_size:,} most uncertain, and "
+                    f"{cm['share_from_singleton_clusters']:.0%} come from singleton clusters. The clusters at the "
+                    f"calibrated eps are lopsided: {cm['share_in_size_over_100']:.0%} of the pool sits in clusters of "
+                    f"more than 100 points")
+            if "mean_clusters_per_source" in cm:
+                text += (f"; the {c.redundant_copies} near-copies of a source image are spread over "
+                         f"{cm['mean_clusters_per_source']:.1f} clusters on average and all share one cluster for only "
+                         f"{cm['share_sources_in_one_cluster']:.1%} of the sources, so one pick per cluster does not "
+                         "keep copies out of a batch")
+            lines.append(text + ".")
+            lines.append("")
         saving = savings_at_margin_final(entry["curves"])
         if saving:
             lines.append(_saving_sentence(saving, budget, entry["curves"]))
@@ -613,6 +633,8 @@ def write_report(results_dir: str, config: Config, settings, strategies, seeds, 
     details["savings_at_margin_final_accuracy"] = {e["name"]: savings_at_margin_final(e["curves"]) for e in result["settings"]}
     calibration = os.path.join(results_dir, "label_efficiency", f"calibration-{config.key()}.json")
     details["eps_calibration"] = _read_json(calibration) if os.path.exists(calibration) else None
+    diagnostics = os.path.join(results_dir, "label_efficiency", "cluster_diagnostics.json")
+    details["cluster_diagnostics"] = _read_json(diagnostics)["summary"] if os.path.exists(diagnostics) else None
     os.makedirs(results_dir, exist_ok=True)
     _write_json(os.path.join(results_dir, "label_efficiency.json"), result)
     _write_json(os.path.join(results_dir, "label_efficiency_details.json"), details)
