@@ -20,6 +20,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
+from cm_beam import malloc_tuning
+
 _LOG = logging.getLogger("cm_beam")
 
 RUNNER_ALIASES = {
@@ -76,14 +78,18 @@ def _translation_only(options: PipelineOptions) -> Optional[str]:
     return None
 
 
-def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline") -> float:
-    """Runs `pipeline` to completion; returns its wall time in seconds.
+def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline", return_result: bool = False):
+    """Runs `pipeline` to completion; returns its wall time in seconds (and the
+    PipelineResult, for its metrics, with `return_result`).
 
     Raises RuntimeError if the job ends in any state but DONE (e.g. a Dataflow job
     that was cancelled), so that no caller marks a failed run's output complete, and
     JobNotExecuted if the options only build the job.
     """
     start = time.time()
+    # Local runners move every stage's data through this process and its workers:
+    # keep glibc from hoarding the freed buffers (cm_beam/malloc_tuning.py).
+    malloc_tuning.tune_malloc()
     result = pipeline.run()
     state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
@@ -91,7 +97,8 @@ def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline") -> float:
     flag = _translation_only(pipeline._options)
     if flag:
         raise JobNotExecuted(f"{what}: the job was built but not run ({flag}); no output, no manifest")
-    return time.time() - start
+    seconds = time.time() - start
+    return (seconds, result) if return_result else seconds
 
 
 # argparse helpers: argparse names the flag in its error, we say what is wrong.

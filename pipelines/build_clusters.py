@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k of the kNN graph that chooses candidate pairs (edges above eps are not needed).")
     p.add_argument("--knn_mode", choices=cl.KNN_MODES, default="auto",
                    help=f"exact (blockwise brute force), ivf (k-means partitions), or auto: exact up to "
-                        f"--exact_max_points points.")
+                        "--exact_max_points points.")
     p.add_argument("--exact_max_points", type=cm_runner.non_negative_int, default=cl.DEFAULT_EXACT_MAX_POINTS,
                    help="Largest pool that --knn_mode auto clusters with exact kNN.")
     p.add_argument("--num_partitions", type=cm_runner.non_negative_int, default=0,
@@ -116,11 +116,9 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     rows = sum(f.num_rows for f in files)
     _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), args.distance_threshold, args.metric)
 
-    pipeline_start = time.time()
     try:
-        result = pipeline.run()
-        state = result.wait_until_finish()
-    except InputError:
+        pipeline_seconds, result = cm_runner.run_pipeline(pipeline, "cm-cluster", return_result=True)
+    except (InputError, cm_runner.JobNotExecuted):
         raise
     except Exception as e:
         # Bad rows found inside the pipeline (ragged or duplicate ids) reach us wrapped
@@ -129,9 +127,6 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         if found:
             raise InputError(found.group(1)) from e
         raise
-    if state is not None and state != beam.runners.runner.PipelineState.DONE:
-        raise RuntimeError(f"cm-cluster ended in state {state}, not DONE")
-    pipeline_seconds = time.time() - pipeline_start
 
     summary = artifacts.read_json(summary_path)
     FileSystems.delete([summary_path])

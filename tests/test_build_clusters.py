@@ -271,3 +271,20 @@ def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     assert len(m2["beam_rounds"]) >= 2 and m2["inmemory_rounds"] and not m1["beam_rounds"]
     assert m1["input_fingerprint"]["digest"] == m2["input_fingerprint"]["digest"]
     assert 1 < len(np.unique(l1)) < len(x)
+
+
+def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
+    pytest.importorskip("google.cloud.dataflow_v1beta3")
+    from cm_beam.runner import JobNotExecuted
+
+    x = blobs(n=60, d=8, k=3)
+    path = str(tmp_path / "embeddings.parquet")
+    pq.write_table(pa.table({"example_id": [f"e{i}" for i in range(len(x))],
+                             "embedding": pa.array(list(x.astype(np.float32)), pa.list_(pa.float32()))}), path)
+    out = tmp_path / "out"
+    dataflow = ["--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
+                "--temp_location=gs://cm-beam-dry-run/tmp", "--sdk_container_image=example/cm-beam:test",
+                "--sdk_location=container"]
+    with pytest.raises(JobNotExecuted, match="--dry_run"):
+        build_clusters.run(["--embeddings", path, "--distance_threshold", "0.3", "--output_dir", str(out)] + dataflow)
+    assert not (out / "manifest.json").exists()
