@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_neighbors", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_NEIGHBORS,
                    help="k of the kNN graph that chooses candidate pairs (edges above eps are not needed).")
     p.add_argument("--knn_mode", choices=cl.KNN_MODES, default="auto",
-                   help=f"exact (blockwise brute force), ivf (k-means partitions), or auto: exact up to "
+                   help="exact (blockwise brute force), ivf (k-means partitions), or auto: exact up to "
                         "--exact_max_points points.")
     p.add_argument("--exact_max_points", type=cm_runner.non_negative_int, default=cl.DEFAULT_EXACT_MAX_POINTS,
                    help="Largest pool that --knn_mode auto clusters with exact kNN.")
