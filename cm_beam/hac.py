@@ -22,9 +22,11 @@ A round is four keyed stages (one GroupByKey each):
    winner's shard;
 4. Collect: moved edges join their new shard; self-loops and duplicates drop.
 
-Before each round the number of candidate edges left is counted; when it is at most
-`max_inmemory_edges` the whole remainder goes to one worker and finishes in memory
-(`hac_kernels.hac_in_memory`, the same round semantics). After `max_rounds` Beam
+The stage that builds a round's state (InitialState, then each Collect) also routes
+it: when an upper bound of the candidate edges left (counted by the stage before, so
+no extra pass over the state is needed) is at most `max_inmemory_edges`, the whole
+remainder goes to one worker and finishes in memory (`hac_kernels.hac_in_memory`,
+the same round semantics). After `max_rounds` Beam
 rounds the remainder must fit that bound, or the job fails naming both flags.
 Spatial shards keep most edges, and so most messages, inside one shard.
 """
@@ -86,7 +88,7 @@ def _symmetric_edges(kv):
         yield int(s), ("edges", (src[m], dst[m]))
 
 
-def _initial_state(kv, metric):
+def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
     blocks, srcs, dsts = [], [], []
     for tag, value in items:
@@ -106,7 +108,8 @@ def _initial_state(kv, metric):
     src = np.concatenate(srcs) if srcs else _EMPTY
     dst = np.concatenate(dsts) if dsts else _EMPTY
     src, dst = _directed_unique(src, dst)
-    return [(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst))]
+    return _route(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst),
+                  directed_bound, max_inmemory_edges, force_finish)
 
 
 def _directed_unique(src, dst):
@@ -123,15 +126,15 @@ def _directed_unique(src, dst):
 
 # --- Routing: Beam round or in-memory finish -------------------------------------
 
-def _count_edges(kv):
-    return len(kv[1]["src"])
-
-
-def _route(kv, total_directed, max_inmemory_edges, force_finish):
-    if force_finish or total_directed // 2 <= max_inmemory_edges:
-        yield beam.pvalue.TaggedOutput("finish", kv[1])
-    else:
-        yield kv
+def _route(shard, state, directed_bound, max_inmemory_edges, force_finish):
+    """The stage that builds a round's state also routes it, so the state (float64
+    sums: most of the bytes) is not shipped once more just to be routed. The count
+    is an upper bound of the directed edges (taken before duplicates drop), so the
+    finish may come one round later than an exact count would allow; `_finish`
+    checks the exact count."""
+    if force_finish or directed_bound // 2 <= max_inmemory_edges:
+        return [beam.pvalue.TaggedOutput("finish", state)]
+    return [(shard, state)]
 
 
 # --- Round stage 1: ghosts and nearest candidates -------------------------------
@@ -290,6 +293,7 @@ def _relabel(kv):
             ps, pd = lookup(old, src), lookup(old, dst)
             src = np.where(ps >= 0, new[np.maximum(ps, 0)], src)
             dst = np.where(pd >= 0, new[np.maximum(pd, 0)], dst)
+        yield beam.pvalue.TaggedOutput("edge_count", len(src))
         sshard = shard_of(src)
         stay = sshard == shard
         for q in np.unique(sshard[~stay]):
@@ -300,7 +304,7 @@ def _relabel(kv):
 
 # --- Round stage 4: collect moved edges ------------------------------------------
 
-def _collect(kv):
+def _collect(kv, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
     st, srcs, dsts = None, [], []
     for tag, value in items:
@@ -312,7 +316,8 @@ def _collect(kv):
         return []
     with _Timer("hac_rounds"):
         src, dst = _directed_unique(np.concatenate([st["src"]] + srcs), np.concatenate([st["dst"]] + dsts))
-    return [(shard, _state(st["clusters"], st["members"], src, dst))]
+    return _route(shard, _state(st["clusters"], st["members"], src, dst), directed_bound, max_inmemory_edges,
+                  force_finish)
 
 
 # --- In-memory finish --------------------------------------------------------------
@@ -373,28 +378,26 @@ class HacRounds(beam.PTransform):
         eps, metric = self._eps, self._metric
         points = inputs["points"] | "TagPoints" >> beam.Map(lambda kv: (kv[0], ("points", kv[1])))
         edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
-        state = (
+        # Each stage that builds a round's state routes it: to the next Beam round, or
+        # to the in-memory finish once the (bounded) edge count fits one worker.
+        knn_directed = (
+            inputs["edges"]
+            | "CountKnnEdges" >> beam.Map(lambda kv: 2 * len(kv[1]["src"]))
+            | "SumKnnEdges" >> beam.CombineGlobally(sum)
+        )
+        routed = (
             (points, edges)
             | "FlattenInit" >> beam.Flatten()
             | "GroupInit" >> beam.GroupByKey()
-            | "InitialState" >> beam.FlatMap(_initial_state, metric)
+            | "InitialState" >> beam.FlatMap(
+                _initial_state, metric, beam.pvalue.AsSingleton(knn_directed), self._max_inmemory,
+                self._max_rounds == 0).with_outputs("finish", main="round")
         )
-        done, sizes, stats, finish = [], [], [], []
-        for r in range(self._max_rounds + 1):
-            last = r == self._max_rounds
-            total = (
-                state
-                | f"R{r}CountEdges" >> beam.Map(_count_edges)
-                | f"R{r}SumEdges" >> beam.CombineGlobally(sum)
-            )
-            routed = state | f"R{r}Route" >> beam.FlatMap(
-                _route, beam.pvalue.AsSingleton(total), self._max_inmemory, last
-            ).with_outputs("finish", main="round")
-            finish.append(routed.finish)
-            if last:
-                break
+        done, sizes, stats, finish = [], [], [], [routed.finish]
+        state = routed.round
+        for r in range(self._max_rounds):
             nearest = (
-                routed.round
+                state
                 | f"R{r}Ghosts" >> beam.FlatMap(_send_ghosts)
                 | f"R{r}GroupGhosts" >> beam.GroupByKey()
                 | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs("done", "sizes", "stats", main="state")
@@ -406,13 +409,21 @@ class HacRounds(beam.PTransform):
                 | f"R{r}Match" >> beam.FlatMap(_match, r).with_outputs("stats", main="state")
             )
             stats.append(matched.stats)
-            state = (
+            relabeled = (
                 matched.state
                 | f"R{r}GroupMerges" >> beam.GroupByKey()
-                | f"R{r}Relabel" >> beam.FlatMap(_relabel)
-                | f"R{r}GroupMoved" >> beam.GroupByKey()
-                | f"R{r}Collect" >> beam.FlatMap(_collect)
+                | f"R{r}Relabel" >> beam.FlatMap(_relabel).with_outputs("edge_count", main="moves")
             )
+            directed = relabeled.edge_count | f"R{r}SumEdges" >> beam.CombineGlobally(sum)
+            routed = (
+                relabeled.moves
+                | f"R{r}GroupMoved" >> beam.GroupByKey()
+                | f"R{r}Collect" >> beam.FlatMap(
+                    _collect, beam.pvalue.AsSingleton(directed), self._max_inmemory,
+                    r == self._max_rounds - 1).with_outputs("finish", main="round")
+            )
+            finish.append(routed.finish)
+            state = routed.round
         finished = (
             finish
             | "FlattenFinish" >> beam.Flatten()
