@@ -88,6 +88,22 @@ def _symmetric_edges(kv):
         yield int(s), ("edges", (src[m], dst[m]))
 
 
+def _directed_bound(kv) -> int:
+    """Upper bound of the directed edges one shard's kNN lists become: pairs inside the
+    shard are counted once however many of their ends listed them (spatial shards keep
+    most pairs inside), pairs that cross shards once per listing."""
+    _, block = kv
+    src, dst = np.asarray(block["src"]), np.asarray(block["dst"])
+    inside = (shard_of(src) == shard_of(dst)) & (src != dst)
+    u, v = np.minimum(src[inside], dst[inside]), np.maximum(src[inside], dst[inside])
+    pairs = 0
+    if len(u):
+        order = np.lexsort((v, u))
+        u, v = u[order], v[order]
+        pairs = 1 + int(((u[1:] != u[:-1]) | (v[1:] != v[:-1])).sum())
+    return 2 * (pairs + int((~inside & (src != dst)).sum()))
+
+
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
     blocks, srcs, dsts = [], [], []
@@ -382,7 +398,7 @@ class HacRounds(beam.PTransform):
         # to the in-memory finish once the (bounded) edge count fits one worker.
         knn_directed = (
             inputs["edges"]
-            | "CountKnnEdges" >> beam.Map(lambda kv: 2 * len(kv[1]["src"]))
+            | "CountKnnEdges" >> beam.Map(_directed_bound)
             | "SumKnnEdges" >> beam.CombineGlobally(sum)
         )
         routed = (

@@ -290,3 +290,29 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
     with pytest.raises(JobNotExecuted, match="--dry_run"):
         build_clusters.run(["--embeddings", path, "--distance_threshold", "0.3", "--output_dir", str(out)] + dataflow)
     assert not (out / "manifest.json").exists()
+
+
+def test_directed_edge_bound_is_an_upper_bound_and_exact_inside_shards():
+    from cm_beam.hac import _directed_bound, _directed_unique, _symmetric_edges
+
+    rng = np.random.default_rng(3)
+    shards = rng.integers(0, 3, 400)
+    ids = hk.make_ids(shards, rng.integers(1, 2**62, 400).astype(np.uint64))
+    src_i, dst_i = rng.integers(0, 400, 3000), rng.integers(0, 400, 3000)
+    blocks = []
+    for s in range(3):
+        m = shards[src_i] == s
+        blocks.append((s, {"src": ids[src_i[m]], "dst": ids[dst_i[m]]}))
+
+    def exact(blocks):
+        per_shard = {}
+        for b in blocks:
+            for shard, (_, (src, dst)) in _symmetric_edges(b):
+                per_shard.setdefault(shard, []).append((src, dst))
+        return sum(len(_directed_unique(np.concatenate([a for a, _ in p]), np.concatenate([b for _, b in p]))[0])
+                   for p in per_shard.values())
+
+    assert sum(_directed_bound(b) for b in blocks) >= exact(blocks)
+    inside = [(s, {"src": b["src"][hk.shard_of(b["dst"]) == s], "dst": b["dst"][hk.shard_of(b["dst"]) == s]})
+              for s, b in blocks]
+    assert sum(_directed_bound(b) for b in inside) == exact(inside)
