@@ -309,13 +309,18 @@ def _relabel(kv):
             ps, pd = lookup(old, src), lookup(old, dst)
             src = np.where(ps >= 0, new[np.maximum(ps, 0)], src)
             dst = np.where(pd >= 0, new[np.maximum(pd, 0)], dst)
-        yield beam.pvalue.TaggedOutput("edge_count", len(src))
         sshard = shard_of(src)
         stay = sshard == shard
+        moved = 0
         for q in np.unique(sshard[~stay]):
             m = sshard == q
+            moved += int(m.sum())
             yield int(q), ("edges", (src[m], dst[m]))
-        yield shard, ("state", _state(c, members, src[stay], dst[stay]))
+        # Staying edges drop their duplicates here, so the count that routes the next
+        # round (`_route`) is nearly exact; moved ones are deduplicated by Collect.
+        src, dst = _directed_unique(src[stay], dst[stay])
+        yield beam.pvalue.TaggedOutput("edge_count", len(src) + moved)
+        yield shard, ("state", _state(c, members, src, dst))
 
 
 # --- Round stage 4: collect moved edges ------------------------------------------

@@ -85,6 +85,22 @@ class Clusters:
     def take(self, idx) -> "Clusters":
         return Clusters(self.ids[idx], self.counts[idx], self.sums[idx], self.sq[idx], self.labels[idx])
 
+    def __reduce__(self):
+        # Pickled (i.e. shipped between Beam stages) with every sum row that float32
+        # holds exactly stored as float32: all singletons, since points are float32
+        # vectors (knn_kernels.prepared_vectors), so most of the state in early rounds.
+        # Lossless: other rows stay float64.
+        s32 = self.sums.astype(np.float32)
+        exact = (s32.astype(np.float64) == self.sums).all(axis=1)
+        return (_unpack_clusters, (self.ids, self.counts, exact, s32[exact], self.sums[~exact], self.sq, self.labels))
+
+
+def _unpack_clusters(ids, counts, exact, sums32, sums64, sq, labels) -> Clusters:
+    sums = np.empty((len(ids), sums32.shape[1]), np.float64)
+    sums[exact] = sums32
+    sums[~exact] = sums64
+    return Clusters(ids, counts, sums, sq, labels)
+
 
 def linkage_from_sums(metric: str, n_a, s_a, q_a, n_b, s_b, q_b) -> np.ndarray:
     """Exact average linkage of cluster pairs (rows), float64."""

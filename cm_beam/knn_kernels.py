@@ -262,10 +262,14 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 def prepared_vectors(block, dtype=np.float64) -> np.ndarray:
     """The vectors a point block stands for: raw float32 rows, L2-normalised
-    (cosine) or centred on the pool mean (sqeuclidean), computed in float64.
+    (cosine) or centred on the pool mean (sqeuclidean), computed in float64 and
+    rounded to float32.
 
     Blocks carry the raw rows (half the bytes of float64) plus how to prepare
-    them, so the kNN stage and the clustering derive bit-identical vectors.
+    them, so the kNN stage and the clustering derive bit-identical vectors. The
+    rounding makes the points float32 vectors for both (the clustering then does
+    exact float64 arithmetic on them), and lets a singleton cluster's sum travel
+    as float32 (`hac_kernels.Clusters.__reduce__`).
     """
     raw = np.asarray(block["vecs"], np.float64)
     if block.get("normalise"):
@@ -274,4 +278,4 @@ def prepared_vectors(block, dtype=np.float64) -> np.ndarray:
         out = raw - np.asarray(block["center"], np.float64)[None, :]
     else:
         out = raw
-    return out.astype(dtype, copy=False)
+    return out.astype(np.float32).astype(dtype, copy=False)

@@ -111,3 +111,20 @@ def test_fast_in_memory_rounds_match_the_simple_round_on_a_sparse_graph():
     assert np.array_equal(np.concatenate(simple_l), losers) and np.array_equal(np.concatenate(simple_w), winners)
     assert sum(s.merges for s in stats) == sum(merges) == n - len(final)
     assert np.array_equal(c.ids, final.ids) and np.allclose(c.sums, final.sums)
+
+
+def test_cluster_state_pickles_losslessly_with_float32_rows():
+    import pickle
+
+    rng = np.random.default_rng(0)
+    n, d, singles = 5000, 64, 3000
+    sums = rng.normal(size=(n, d))
+    sums[:singles] = sums[:singles].astype(np.float32)  # singleton-like rows: float32 values
+    counts = np.r_[np.ones(singles, np.int64), np.full(n - singles, 3)]
+    c = hk.Clusters(np.arange(n), counts, sums, rng.random(n), np.arange(n))
+    back = pickle.loads(pickle.dumps(c))
+    for name in ("ids", "counts", "sums", "sq", "labels"):
+        assert np.array_equal(getattr(back, name), getattr(c, name)), name
+    assert back.sums.dtype == np.float64
+    saved = len(pickle.dumps((c.ids, c.counts, c.sums, c.sq, c.labels))) - len(pickle.dumps(c))
+    assert saved > 0.95 * singles * d * 4, "float32-exact rows should travel as float32"
