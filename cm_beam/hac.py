@@ -314,8 +314,9 @@ def _relabel(kv):
         moved = 0
         for q in np.unique(sshard[~stay]):
             m = sshard == q
-            moved += int(m.sum())
-            yield int(q), ("edges", (src[m], dst[m]))
+            msrc, mdst = _directed_unique(src[m], dst[m])  # fewer bytes, and a tighter count
+            moved += len(msrc)
+            yield int(q), ("edges", (msrc, mdst))
         # Staying edges drop their duplicates here, so the count that routes the next
         # round (`_route`) is nearly exact; moved ones are deduplicated by Collect.
         src, dst = _directed_unique(src[stay], dst[stay])
