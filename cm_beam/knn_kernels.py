@@ -110,8 +110,12 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
     out_d = np.full((n, k), np.inf, np.float32)
     if n == 0 or x.shape[0] == 0:
         return out_ids, out_d
-    x_sq = sq_norms(x.astype(np.float32)) if metric == "sqeuclidean" else None
     x_ids = np.asarray(x_ids, np.int64)
+    if x_ids.size > 1 and (x_ids[1:] < x_ids[:-1]).any():
+        # Columns in id order: a column index then breaks distance ties as the id does.
+        order = np.argsort(x_ids, kind="stable")
+        x, x_ids = np.asarray(x)[order], x_ids[order]
+    x_sq = sq_norms(x.astype(np.float32)) if metric == "sqeuclidean" else None
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         d = pair_distances(q[start:stop], x, metric, b_sq=x_sq)
@@ -138,9 +142,31 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
                 out_d[start + rows, rank] = dd
                 continue
             d[~within] = np.inf
-        ids = np.broadcast_to(x_ids, d.shape)
-        out_ids[start:stop], out_d[start:stop] = _sorted_rows(ids, d, k)
+        out_ids[start:stop], out_d[start:stop] = _topk_columns(d, x_ids, k)
     return out_ids, out_d
+
+
+def _topk_columns(d: np.ndarray, x_ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row of `d` (distances >= 0 or inf, columns in ascending id order), the k
+    smallest (distance, id) pairs in order, padded with (-1, inf).
+
+    One uint64 key per entry (the float32 bits, which order like the values for
+    non-negative floats, then the column index) makes every key unique, so a single
+    partition and a sort of k keys per row replace argpartition + tie handling.
+    """
+    n, m = d.shape
+    d = np.ascontiguousarray(d, np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+    keys = (d.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(m, dtype=np.uint64)[None, :]
+    if m > k:
+        keys = np.partition(keys, k - 1, axis=1)[:, :k]
+    keys.sort(axis=1)
+    cols = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    dist = np.take_along_axis(d, cols, axis=1)
+    ids = np.where(np.isinf(dist), PAD_ID, x_ids[cols])
+    if m < k:
+        ids = np.concatenate([ids, np.full((n, k - m), PAD_ID, np.int64)], axis=1)
+        dist = np.concatenate([dist, np.full((n, k - m), np.inf, np.float32)], axis=1)
+    return ids.astype(np.int64, copy=False), dist.astype(np.float32, copy=False)
 
 
 def merge_topk(ids_parts: Sequence[np.ndarray], dist_parts: Sequence[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
