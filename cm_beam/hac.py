@@ -94,14 +94,9 @@ def _directed_bound(kv) -> int:
     most pairs inside), pairs that cross shards once per listing."""
     _, block = kv
     src, dst = np.asarray(block["src"]), np.asarray(block["dst"])
-    inside = (shard_of(src) == shard_of(dst)) & (src != dst)
-    u, v = np.minimum(src[inside], dst[inside]), np.maximum(src[inside], dst[inside])
-    pairs = 0
-    if len(u):
-        order = np.lexsort((v, u))
-        u, v = u[order], v[order]
-        pairs = 1 + int(((u[1:] != u[:-1]) | (v[1:] != v[:-1])).sum())
-    return 2 * (pairs + int((~inside & (src != dst)).sum()))
+    inside = shard_of(src) == shard_of(dst)
+    pairs, _ = _directed_unique(np.minimum(src[inside], dst[inside]), np.maximum(src[inside], dst[inside]))
+    return 2 * (len(pairs) + int((~inside & (src != dst)).sum()))
 
 
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):

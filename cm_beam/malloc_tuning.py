@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -31,14 +32,10 @@ _SETTINGS = (
     ("MALLOC_TRIM_THRESHOLD_", -1, 4 << 20),
 )
 
-_applied = False
 
-
+@functools.lru_cache(maxsize=None)
 def tune_malloc() -> bool:
     """Applies the settings once per process; returns whether glibc took them."""
-    global _applied
-    if _applied:
-        return True
     path = ctypes.util.find_library("c")
     if not path:
         return False
@@ -53,6 +50,5 @@ def tune_malloc() -> bool:
             continue  # the user's choice
         os.environ[env] = str(value)  # inherited by the worker processes of local runners
         ok = bool(mallopt(ctypes.c_int(param), ctypes.c_int(value))) and ok
-    _applied = True
     _LOG.debug("malloc settings applied: %s", ok)
     return ok

@@ -184,14 +184,18 @@ def split_by_bucket(batch: pa.RecordBatch, buckets: np.ndarray):
         yield int(sorted_b[s]), taken.slice(int(s), int(e - s))
 
 
+def join_buckets(base_hashes: np.ndarray, num_buckets: int) -> np.ndarray:
+    """The join bucket of each row, from its unseeded example_id hash."""
+    return (derive(base_hashes, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
+
+
 def route_by_id_hash(batch: pa.RecordBatch, tag: str, num_buckets: int):
     """Yields (bucket, (tag, sub-batch)): rows with the same example_id meet in one bucket."""
     if "id_hash" in batch.schema.names:
         base = batch.column(batch.schema.get_field_index("id_hash")).to_numpy()
     else:
         base = id_hash(batch.column(batch.schema.get_field_index("example_id")))
-    buckets = (derive(base, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
-    for bucket, part in split_by_bucket(batch, buckets):
+    for bucket, part in split_by_bucket(batch, join_buckets(base, num_buckets)):
         yield bucket, (tag, part)
 
 
@@ -219,9 +223,8 @@ def route_scores(batch: pa.RecordBatch, strategy: str, uncertainty: str, num_buc
         if not keep.all():
             dropped = batch.filter(pa.array(~keep))
             base = dropped.column(SCORED_SCHEMA.get_field_index("id_hash")).to_numpy()
-            buckets = (derive(base, 0, JOIN_SALT) % np.uint64(num_buckets)).astype(np.int64)
             ids_only = pa.RecordBatch.from_arrays([dropped.column(0)], names=["example_id"])
-            for bucket, part in split_by_bucket(ids_only, buckets):
+            for bucket, part in split_by_bucket(ids_only, join_buckets(base, num_buckets)):
                 yield bucket, ("pruned", part)
             batch = batch.filter(pa.array(keep))
     yield from route_by_id_hash(batch, "scores", num_buckets)
