@@ -20,6 +20,14 @@ def beam_args(workers: int = 1):
     return args
 
 
+DATAFLOW_IMAGE = "us-central1-docker.pkg.dev/cm-beam-dry-run/cm-beam/cm-beam:test"
+# Flags that make a stage translate its job for Dataflow without running it.
+DATAFLOW_DRY_RUN = [
+    "--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
+    "--temp_location=gs://cm-beam-dry-run/tmp", f"--sdk_container_image={DATAFLOW_IMAGE}", "--sdk_location=container",
+]
+
+
 @pytest.fixture
 def fnapi_args():
     return beam_args(1)

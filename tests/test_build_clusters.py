@@ -20,7 +20,7 @@ from cm_beam.cluster import CLUSTERS_SCHEMA, BuildClusters
 from cm_beam.errors import InputError
 from cm_beam.knn_graph import KnnGraph
 from pipelines import build_clusters
-from tests.conftest import beam_args
+from tests.conftest import DATAFLOW_DRY_RUN, beam_args
 from tests.test_hac_kernels import gap_thresholds, same_partition
 
 
@@ -284,11 +284,8 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
     pq.write_table(pa.table({"example_id": [f"e{i}" for i in range(len(x))],
                              "embedding": pa.array(list(x.astype(np.float32)), pa.list_(pa.float32()))}), path)
     out = tmp_path / "out"
-    dataflow = ["--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
-                "--temp_location=gs://cm-beam-dry-run/tmp", "--sdk_container_image=example/cm-beam:test",
-                "--sdk_location=container"]
     with pytest.raises(JobNotExecuted, match="--dry_run"):
-        build_clusters.run(["--embeddings", path, "--distance_threshold", "0.3", "--output_dir", str(out)] + dataflow)
+        build_clusters.run(["--embeddings", path, "--distance_threshold", "0.3", "--output_dir", str(out)] + DATAFLOW_DRY_RUN)
     assert not (out / "manifest.json").exists()
 
 

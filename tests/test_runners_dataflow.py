@@ -19,15 +19,13 @@ import pytest
 
 from cm_beam import artifacts
 from cm_beam.errors import InputError
+from conftest import DATAFLOW_DRY_RUN, DATAFLOW_IMAGE
 
 pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient")
 pytest.importorskip("google.cloud.dataflow_v1beta3")
 
-IMAGE = "us-central1-docker.pkg.dev/cm-beam-dry-run/cm-beam/cm-beam:test"
-DATAFLOW = [
-    "--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
-    "--temp_location=gs://cm-beam-dry-run/tmp", f"--sdk_container_image={IMAGE}", "--sdk_location=container",
-]
+IMAGE = DATAFLOW_IMAGE
+DATAFLOW = DATAFLOW_DRY_RUN
 
 
 class _Translated(Exception):

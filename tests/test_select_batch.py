@@ -11,7 +11,7 @@ import pytest
 from cm_beam import table_io
 from cm_beam.errors import InputError
 from cm_beam.synthetic_pool import make_pool, write_sharded
-from conftest import beam_args
+from conftest import DATAFLOW_DRY_RUN, beam_args
 from pipelines import select_batch
 from reference_cluster_margin import reference_select
 
@@ -240,12 +240,9 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     from cm_beam.runner import JobNotExecuted
 
     out = tmp_path / "out"
-    dataflow = ["--runner=DataflowRunner", "--dry_run=True", "--project=cm-beam-dry-run", "--region=us-central1",
-                "--temp_location=gs://cm-beam-dry-run/tmp", "--sdk_container_image=example/cm-beam:test",
-                "--sdk_location=container"]
     with pytest.raises(JobNotExecuted, match="--dry_run"):
         select_batch.run(["--scores", pool["scores"], "--clusters", pool["clusters"], "--batch_size", "10",
-                          "--output_dir", str(out)] + dataflow)
+                          "--output_dir", str(out)] + DATAFLOW_DRY_RUN)
     assert not (out / "manifest.json").exists()
 
 
