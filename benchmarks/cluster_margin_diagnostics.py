@@ -31,18 +31,12 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
+
+from al_product import _read_dir  # the same reader the product strategies use
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ("margin", "cluster_margin")
-
-
-def _read(pattern: str, columns) -> pa.Table:
-    paths = sorted(p for p in glob.glob(pattern) if not os.path.basename(p).startswith("rejected"))
-    if not paths:
-        raise FileNotFoundError(pattern)
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
 
 
 def _int_ids(column) -> np.ndarray:
@@ -74,7 +68,7 @@ def cluster_structure(cluster_of: np.ndarray, copies: int) -> dict:
 def batch_against_model(work: str, round_index: int, cluster_sizes: dict, batch_size: int) -> dict:
     """Uncertainty ranks of one round's picks among the unlabeled pool under the round's model."""
     rd = os.path.join(work, f"round{round_index}")
-    scores = _read(os.path.join(rd, "embed", "*.parquet"), ["example_id", "margin"])
+    scores = _read_dir(os.path.join(rd, "embed"), "embeddings", ["example_id", "margin"])
     ids = _int_ids(scores.column("example_id"))
     margin = scores.column("margin").to_numpy()
     labeled = set(_int_ids(pq.read_table(os.path.join(rd, "labeled.parquet")).column("example_id")).tolist())
@@ -84,7 +78,7 @@ def batch_against_model(work: str, round_index: int, cluster_sizes: dict, batch_
     rank = np.empty(ids.size, np.int64)
     rank[order] = np.arange(ids.size)
     rank_of = dict(zip(ids.tolist(), rank.tolist()))
-    sel = _read(os.path.join(rd, "selection", "selection-*.parquet"), ["example_id", "cluster_id"])
+    sel = _read_dir(os.path.join(rd, "selection"), "selection", ["example_id", "cluster_id"])
     picks = _int_ids(sel.column("example_id"))
     ranks = np.array([rank_of[i] for i in picks.tolist()])
     out = {"round": round_index, "picks": int(picks.size), "median_uncertainty_rank": float(np.median(ranks)),
@@ -101,7 +95,7 @@ def diagnose_curve(record: dict, work: str) -> dict:
     out = {"setting": record["setting"], "strategy": record["strategy"], "seed": record["seed"]}
     cluster_sizes = {}
     if record["strategy"] == "cluster_margin":
-        clusters = _read(os.path.join(work, "clusters", "clusters-*.parquet"), ["example_id", "cluster_id"])
+        clusters = _read_dir(os.path.join(work, "clusters"), "clusters", ["example_id", "cluster_id"])
         ids = _int_ids(clusters.column("example_id"))
         cluster_of = np.empty(ids.size, np.int64)
         cluster_of[ids] = clusters.column("cluster_id").to_numpy()
@@ -128,7 +122,7 @@ def main(argv=None):
         work = os.path.join(args.work_dir, f"{record['setting']}__{record['strategy']}__seed{record['seed']}-{record['config_key']}")
         try:
             curves.append(diagnose_curve(record, work))
-        except FileNotFoundError as e:
+        except (FileNotFoundError, RuntimeError) as e:  # the curve's work dir is gone or incomplete
             missing.append({"curve": os.path.basename(path), "missing": str(e)})
         print(f"{os.path.basename(path)}: done", flush=True)
     summary = {}
