@@ -3,10 +3,10 @@
 With the FnApiRunner/DirectRunner every PCollection between two stages passes
 through the runner process as pickled bytes, handled by many gRPC threads. glibc
 gives each thread its own malloc arena and raises its mmap threshold after large
-frees, so hundreds of MB of freed blocks stay mapped in each arena: measured on the
-1M-point cm-cluster benchmark, the runner process peaked at 7.4 GB of RSS and the
-whole job at 11.5 GB; with the settings below, the same job peaked under 8 GB, in
-the same time (benchmarks/results/cluster.json).
+frees, so hundreds of MB of freed blocks stay mapped in each arena. On the 1M-point
+cm-cluster benchmark the runner process was the largest one of the job; its recorded
+peak, with these settings and the other memory changes, is in
+benchmarks/results/cluster.json.
 
 The settings: at most 2 arenas, large blocks (>= 1 MB) always mmap'ed (so freeing
 them returns the memory at once), and the heap trimmed above 4 MB of free space.
