@@ -10,9 +10,12 @@ within eps).
 
 Two modes:
 
-* `exact`: every shard pair (i <= j) is one element; both directions' top-k come out
-  of one matmul per row chunk; a point's partial lists are merged per shard.
-  Work n^2 d, data shipped num_shards x the pool: for small pools.
+* `exact`: each shard first finds its points' top-k inside itself; the k-th distance
+  found there bounds what any other shard can contribute. Every other shard pair
+  (i < j) is one element: one distance matrix gives both directions' candidates
+  under those bounds (few, as spatial shards hold most neighbours). A point's own
+  list and its candidates are merged per shard. Work n^2 d / 2, data shipped
+  num_shards x the pool: for small pools.
 * `ivf`: coarse k-means centroids (computed on a sample, a side input); each point is
   sent to its `num_probes` nearest partitions, brute force inside each partition,
   partial lists merged per point. Two points are candidates when they share a
@@ -104,29 +107,35 @@ class _MergeSampleTopk(beam.CombineFn):
         return acc
 
 
-def _exact_pairs(kv, num_shards):
-    shard, block = kv
-    for other in range(num_shards):
-        yield (min(shard, other), max(shard, other)), (shard, block)
-
-
-def _exact_pair_topk(kv, k, metric, max_dist):
-    """Shard pair (i, j): i's rows against j's points and, for i != j, the reverse."""
-    (i, j), parts = kv
-    blocks = {s: dict(b, prep=kk.prepared_vectors(b, np.float32)) for s, b in parts}
-    if i == j:
-        directions = [(blocks[i], blocks[i])]
-    elif i in blocks and j in blocks:
-        directions = [(blocks[i], blocks[j]), (blocks[j], blocks[i])]
-    else:
-        return []  # the other shard is empty
-    srcs, dsts, ds = [], [], []
+def _exact_own_topk(kv, k, metric, max_dist, num_shards):
+    """Shard i against itself: its points' top-k inside the shard (final edges for the
+    merge) and, for every other shard j, the points with their k-th distance as a bound
+    (key (min(i, j), max(i, j))). Spatial shards hold most of a point's neighbours, so
+    the bound is tight and few pairs from other shards survive it."""
+    shard, block = int(kv[0]), kv[1]
+    prep = kk.prepared_vectors(block, np.float32)
     with _Timer("knn"):
-        for a, b in directions:
-            nb, nd = kk.block_topk(a["prep"], a["ids"], b["prep"], b["ids"], k, metric, max_dist)
-            s, t, dd = kk.dense_to_edges(a["ids"], nb, nd)
-            srcs.append(s); dsts.append(t); ds.append(dd)
-    return _split_by_shard(np.concatenate(srcs), np.concatenate(dsts), np.concatenate(ds))
+        nb, nd = kk.block_topk(prep, block["ids"], prep, block["ids"], k, metric, max_dist)
+        src, dst, dist = kk.dense_to_edges(block["ids"], nb, nd)
+    yield beam.pvalue.TaggedOutput("own", (shard, _edge_block(src, dst, dist)))
+    part = {"ids": block["ids"], "prep": prep, "bound": kk.kth_distance(nd)}
+    for other in range(num_shards):
+        if other != shard:
+            yield (min(shard, other), max(shard, other)), (shard, part)
+
+
+def _exact_pair_candidates(kv, k, metric, max_dist):
+    """Shard pair (i < j): one distance matrix, candidates of both directions."""
+    _, parts = kv
+    parts = dict(parts)
+    if len(parts) < 2:
+        return  # the other shard is empty
+    (i, a), (j, b) = sorted(parts.items())
+    with _Timer("knn"):
+        to_j, to_i = kk.pair_candidates(a["prep"], a["ids"], a["bound"], b["prep"], b["ids"], b["bound"],
+                                        k, metric, max_dist)
+    yield i, _edge_block(*to_j)
+    yield j, _edge_block(*to_i)
 
 
 def _ivf_assign(kv, centroids, num_probes):
@@ -238,12 +247,14 @@ class KnnGraph(beam.PTransform):
         k, metric, max_dist = self._k, self._metric, self._max_dist
         outputs = {}
         if self._mode == "exact":
-            partial = (
-                points
-                | "ToShardPairs" >> beam.FlatMap(_exact_pairs, self._num_shards)
+            own = points | "OwnShardTopk" >> beam.FlatMap(
+                _exact_own_topk, k, metric, max_dist, self._num_shards).with_outputs("own", main="pairs")
+            cross = (
+                own.pairs
                 | "GroupShardPairs" >> beam.GroupByKey()
-                | "PairTopk" >> beam.FlatMap(_exact_pair_topk, k, metric, max_dist)
+                | "PairCandidates" >> beam.FlatMap(_exact_pair_candidates, k, metric, max_dist)
             )
+            partial = (own.own, cross) | "FlattenPartial" >> beam.Flatten()
         else:
             tagged = (
                 points

@@ -146,6 +146,77 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
     return out_ids, out_d
 
 
+def kth_distance(dists: np.ndarray) -> np.ndarray:
+    """Each row's k-th (last) distance of a padded top-k table: +inf when the row has
+    fewer than k neighbours. A point's final k-th distance can only be smaller, so
+    this bounds which other points can still enter its list (`pair_candidates`)."""
+    return np.asarray(dists[:, -1], np.float64) if dists.shape[1] else np.full(len(dists), np.inf)
+
+
+def pair_candidates(a: np.ndarray, a_ids: np.ndarray, a_bound: np.ndarray, b: np.ndarray, b_ids: np.ndarray,
+                    b_bound: np.ndarray, k: int, metric: str, max_dist: float = np.inf,
+                    max_entries: int = 1 << 23):
+    """Candidate edges between two disjoint blocks, both directions from one distance matrix.
+
+    For each row r of `a`: its neighbours c in `b` with d(r, c) <= a_bound[r] and
+    within `max_dist` (with the same float32 slack as `block_topk`), at most its k
+    nearest by (distance, id); the same for each row of `b` among the rows of `a`.
+    With bounds from each point's own block (`kth_distance` of its `block_topk`
+    list), every neighbour of the final top-k that lies in the other block survives,
+    while the distance matrix, the largest cost, is computed once for the pair.
+
+    Returns ((src, dst, dist) of a's rows, (src, dst, dist) of b's rows); several
+    chunks of `a` may each list up to k edges of a row of `b` (merge with `topk_edges`).
+    """
+    a_ids, b_ids = np.asarray(a_ids, np.int64), np.asarray(b_ids, np.int64)
+    a_bound = np.asarray(a_bound, np.float64)
+    b_bound = np.asarray(b_bound, np.float64)
+    na, nb = a.shape[0], b.shape[0]
+    fwd, back = [], []
+    if na and nb:
+        cut = max_dist + prune_tolerance(metric, max_dist) if np.isfinite(max_dist) else np.inf
+        a_sq = sq_norms(np.asarray(a, np.float32)) if metric == "sqeuclidean" else None
+        b_sq = sq_norms(np.asarray(b, np.float32)) if metric == "sqeuclidean" else None
+        # Largest per-pair cut of a row / column (sqeuclidean's slack grows with the norms):
+        # a coarse limit for the full-matrix pass, refined exactly on the few survivors.
+        slack_a = 1e-5 * (a_sq + b_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
+        slack_b = 1e-5 * (b_sq + a_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
+        # Rounded up to float32 so the coarse pass never drops a pair the exact test keeps.
+        up = np.float32(np.inf)
+        lim_a = np.nextafter(np.minimum(a_bound, cut + slack_a).astype(np.float32), up)
+        lim_b = np.nextafter(np.minimum(b_bound, cut + slack_b).astype(np.float32), up)
+        chunk = max(1, max_entries // nb)
+        for start in range(0, na, chunk):
+            stop = min(na, start + chunk)
+            d = pair_distances(a[start:stop], b, metric, a_sq=None if a_sq is None else a_sq[start:stop], b_sq=b_sq)
+            rows, cols = np.nonzero(d <= np.maximum(lim_a[start:stop, None], lim_b[None, :]))
+            dd = d[rows, cols]
+            rows = rows + start
+            pair_cut = cut
+            if metric == "sqeuclidean" and np.isfinite(cut):
+                pair_cut = cut + 1e-5 * (a_sq[rows] + b_sq[cols])
+            within = dd <= pair_cut
+            to_b = within & (dd <= a_bound[rows])
+            to_a = within & (dd <= b_bound[cols])
+            fwd.append(_capped(rows[to_b], a_ids, cols[to_b], b_ids, dd[to_b], k))
+            back.append(_capped(cols[to_a], b_ids, rows[to_a], a_ids, dd[to_a], k))
+
+    def _join(parts):
+        if not parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+    return _join(fwd), _join(back)
+
+
+def _capped(src_rows, src_ids, dst_rows, dst_ids, dist, k):
+    """Edges (by row positions) as ids; each src's k nearest if some src has more than k."""
+    src, dst, dist = src_ids[src_rows], dst_ids[dst_rows], dist.astype(np.float32, copy=False)
+    if len(src_rows) and np.bincount(src_rows).max() > k:
+        return topk_edges(src, dst, dist, k)
+    return src, dst, dist
+
+
 def _topk_columns(d: np.ndarray, x_ids: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
     """Per row of `d` (distances >= 0 or inf, columns in ascending id order), the k
     smallest (distance, id) pairs in order, padded with (-1, inf).
@@ -224,8 +295,9 @@ def kmeans(x: np.ndarray, num_centroids: int, iterations: int = 10, seed: int = 
     for _ in range(iterations):
         assign = nearest_centroids(x, centroids, 1)[:, 0]
         counts = np.bincount(assign, minlength=num_centroids)
-        sums = np.zeros_like(centroids, dtype=np.float64)
-        np.add.at(sums, assign, x)
+        # Per-dimension bincounts: the same float64 sums as np.add.at, ~20x faster.
+        sums = np.stack([np.bincount(assign, weights=x[:, j], minlength=num_centroids)
+                         for j in range(x.shape[1])], axis=1) if x.shape[1] else np.zeros_like(centroids, np.float64)
         nonempty = counts > 0
         centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
         # An empty centroid restarts at the point farthest from its centroid.

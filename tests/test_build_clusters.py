@@ -181,6 +181,37 @@ def test_ivf_recall_against_exact(tmp_path):
     assert result["recall"]["recall_queries"] == len(sample_rows)
 
 
+def test_exact_knn_graph_equals_brute_force(tmp_path):
+    """Exact mode (own-shard lists, bounded pair candidates, per-shard merge) gives
+    each point exactly its brute-force top-k within max_dist, in 2 worker processes."""
+    x = kk.normalise_rows(blobs(1200, k=5, spread=0.5, seed=6))[0].astype(np.float32)
+    n, k, eps = len(x), 25, 0.35
+    rng = np.random.default_rng(2)
+    # Spatial shards as in cm-cluster (tight bounds); shard 3 empty, shard 4 40 points of anywhere.
+    shards = kk.nearest_centroids(x, kk.kmeans(x, 3, 5, seed=1), 1)[:, 0]
+    shards[rng.choice(n, 40, replace=False)] = 4
+    ids = hk.make_ids(shards, rng.choice(1 << 40, n, replace=False).astype(np.uint64) << np.uint64(24))
+    blocks = [(s, {"ids": ids[shards == s], "vecs": x[shards == s], "normalise": False})
+              for s in np.unique(shards)]
+
+    def save(value, name):
+        with open(str(tmp_path / name), "wb") as f:
+            pickle.dump(value, f)
+
+    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(beam_args(2))) as p:
+        graph = p | beam.Create(blocks) | KnnGraph(k, "cosine", "exact", num_shards=5, max_dist=eps)
+        graph["edges"] | beam.combiners.ToList() | beam.Map(save, "edges.pkl")
+    edges = pickle.load(open(str(tmp_path / "edges.pkl"), "rb"))
+    assert all((hk.shard_of(e["src"]) == s).all() for s, e in edges)
+    got = [np.concatenate([e[name] for _, e in edges]) for name in ("src", "dst", "dist")]
+    want = kk.dense_to_edges(ids, *kk.block_topk(x, ids, x, ids, k, "cosine", eps))
+    got_order, want_order = np.lexsort((got[1], got[0])), np.lexsort((want[1], want[0]))
+    assert len(got[0]) == len(want[0]) > n
+    assert np.array_equal(got[0][got_order], want[0][want_order])
+    assert np.array_equal(got[1][got_order], want[1][want_order])
+    np.testing.assert_allclose(got[2][got_order], want[2][want_order], atol=1e-5)
+
+
 def test_bad_rows_are_rejected_with_reasons(tmp_path):
     x = blobs(300, k=5, seed=6)
     ids = ids_for(len(x))

@@ -110,3 +110,45 @@ def test_prepared_vectors_and_recall():
     centred = kk.prepared_vectors({"vecs": x, "normalise": False, "center": mean})
     np.testing.assert_allclose(centred.mean(axis=0), 0.0, atol=1e-6)
     assert kk.recall_at_k(np.array([[1, 2, -1]]), np.array([[2, 3, -1]])) == 0.5
+
+
+def _sorted_edges(src, dst, dist):
+    order = np.lexsort((dst, src))
+    return src[order], dst[order], dist[order]
+
+
+@pytest.mark.parametrize("metric,max_dist", [("cosine", 0.25), ("cosine", np.inf), ("sqeuclidean", 5.0)])
+def test_own_block_bounds_and_pair_candidates_give_the_whole_topk(metric, max_dist):
+    """Own-block top-k, then pair candidates under its k-th distance, merged: the same
+    edges (and distances) as the top-k over the whole pool. Blocks of 7 points (fewer
+    than k: unbounded) and a small chunk size (several chunks per pair) included."""
+    x = _points(400, seed=7)
+    if metric == "cosine":
+        x = kk.normalise_rows(x)[0].astype(np.float32)
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(10_000)[: len(x)].astype(np.int64)
+    k = 12
+    # Spatial blocks, as the pipeline's shards (tight bounds), plus 7 points of anywhere.
+    shard = kk.nearest_centroids(x, kk.kmeans(x, 3, 5, seed=2), 1)[:, 0]
+    shard[rng.choice(len(x), 7, replace=False)] = 3
+    order = np.argsort(shard, kind="stable")
+    x, ids, shard = x[order], ids[order], shard[order]
+    blocks, parts = [], []
+    for s in (3, 0, 1, 2):
+        m = shard == s
+        nb, nd = kk.block_topk(x[m], ids[m], x[m], ids[m], k, metric, max_dist)
+        parts.append(kk.dense_to_edges(ids[m], nb, nd))
+        blocks.append((x[m], ids[m], kk.kth_distance(nd)))
+    assert np.isinf(blocks[0][2]).all() and np.isfinite(blocks[2][2]).any()
+    pruned = 0
+    for i in range(len(blocks)):
+        for j in range(i + 1, len(blocks)):
+            fwd, back = kk.pair_candidates(*blocks[i], *blocks[j], k, metric, max_dist, max_entries=2000)
+            parts += [fwd, back]
+            pruned += len(blocks[i][1]) * len(blocks[j][1]) * 2 - len(fwd[0]) - len(back[0])
+    got = kk.topk_edges(*(np.concatenate([p[n] for p in parts]) for n in range(3)), k)
+    want = kk.dense_to_edges(ids, *kk.block_topk(x, ids, x, ids, k, metric, max_dist))
+    got, want = _sorted_edges(*got), _sorted_edges(*want)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
+    assert pruned > 0  # the bounds cut candidates (the point of them)
