@@ -20,7 +20,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from cm_beam import malloc_tuning
+from cm_beam import malloc_tuning, worker_threads
 
 _LOG = logging.getLogger("cm_beam")
 
@@ -90,8 +90,11 @@ def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline", return_result:
     # Local runners move every stage's data through this process and its workers:
     # keep glibc from hoarding the freed buffers (cm_beam/malloc_tuning.py).
     malloc_tuning.tune_malloc()
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    # Local worker processes share the cores: one BLAS thread pool each of the whole
+    # machine would oversubscribe them (cm_beam/worker_threads.py).
+    with worker_threads.local_worker_blas_threads(pipeline._options):
+        result = pipeline.run()
+        state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
         raise RuntimeError(f"{what} ended in state {state}, not DONE")
     flag = _translation_only(pipeline._options)
