@@ -11,6 +11,9 @@
     ~10 points per cluster), 250K and 1M points: wall time, peak memory, rounds,
     kNN recall, on the FnApiRunner ("DirectRunner") with 2 worker processes.
 (c) crossover: exact vs ivf kNN on synthetic pools of a few sizes (where `auto` switches).
+(d) blas_threads: (a)'s pool at eps 0.3, 2 worker processes, alternating runs with
+    cm_beam.worker_threads' BLAS threads per worker (cores // workers) and with every
+    worker using all cores' threads: medians of wall time and kNN stage time.
 
 Every measured run is a separate child process; peak memory is the largest sum of
 RSS over the child's whole process tree (Beam worker processes included), polled
@@ -19,6 +22,7 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part fashion
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part synthetic --sizes 250000,1000000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part blas_threads
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -97,12 +101,12 @@ def write_pool(x: np.ndarray, directory: str, rows_per_file: int = 100_000) -> s
 
 # --- measuring child processes ----------------------------------------------------------
 
-def measure(cmd, poll: float = 0.2):
+def measure(cmd, poll: float = 0.2, env=None):
     """Runs cmd; returns (wall seconds, peak RSS of its process tree in bytes, stdout)."""
     import psutil
 
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
     out_chunks = []
@@ -227,6 +231,35 @@ def run_fashion(n: int, eps_list, workdir: str):
     return result
 
 
+def run_blas_threads(n: int, eps: float, workdir: str, repeats: int):
+    """cm-cluster on the Fashion-MNIST pool with 2 worker processes, alternating: BLAS
+    threads per worker as cm_beam.worker_threads sets them (cores // workers) vs every
+    worker with all cores' threads (set through the environment, which it respects)."""
+    from cm_beam import worker_threads
+
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    base = {k: v for k, v in os.environ.items() if k not in worker_threads.THREAD_VARIABLES}
+    cores = worker_threads.available_cores()
+    variants = {"per_worker_share": base,
+                "all_cores_each": dict(base, **{k: str(cores) for k in worker_threads.THREAD_VARIABLES})}
+    runs = {name: [] for name in variants}
+    for i in range(repeats):
+        for name, env in variants.items():
+            out_dir = os.path.join(workdir, f"blas_{name}")
+            wall, peak, _ = measure(cm_cluster_cmd(pattern, out_dir, eps), env=env)
+            manifest = json.load(open(os.path.join(out_dir, "manifest.json")))
+            runs[name].append({"wall_seconds": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1),
+                               "knn_stage_seconds": manifest["timings"]["stage_seconds"].get("knn")})
+            print(name, runs[name][-1], flush=True)
+    med = {name: {key: float(np.median([r[key] for r in rs])) for key in ("wall_seconds", "knn_stage_seconds")}
+           for name, rs in runs.items()}
+    return {"n": n, "eps": eps, "cores": cores, "workers": 2, "repeats": repeats, "runs": runs, "median": med,
+            "wall_ratio_all_cores_over_share": round(med["all_cores_each"]["wall_seconds"]
+                                                     / med["per_worker_share"]["wall_seconds"], 3),
+            "knn_ratio_all_cores_over_share": round(med["all_cores_each"]["knn_stage_seconds"]
+                                                    / med["per_worker_share"]["knn_stage_seconds"], 3)}
+
+
 def run_synthetic(sizes, eps: float, workdir: str, extra):
     from sklearn.metrics import adjusted_rand_score
 
@@ -290,7 +323,8 @@ def run_crossover(sizes, eps: float, workdir: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic", "crossover"), required=True)
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads"), required=True)
+    p.add_argument("--repeats", type=int, default=3, help="Alternating runs per variant (part blas_threads).")
     p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
     p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
     p.add_argument("--sizes", default="250000,1000000", help="Pool sizes (part synthetic).")
@@ -302,6 +336,8 @@ def main():
     command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
     if args.part == "fashion":
         result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
+    elif args.part == "blas_threads":
+        result = run_blas_threads(args.n, 0.3, workdir, args.repeats)
     elif args.part == "crossover":
         result = run_crossover([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir)
     else:
