@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 
 from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
+from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
 from cm_beam.hac import HacRounds
 from cm_beam.hashing import _splitmix64, hash_ids
@@ -262,14 +263,14 @@ def _shard_points(block, plan, metric):
         shards = kk.nearest_centroids(vecs.astype(np.float32), plan["shard_centroids"], 1)[:, 0]
         ids = hk.make_ids(shards, block["hashes"])
         labels = hk.public_labels(block["hashes"])
-        for s in np.unique(shards):
+        for s in unique_sorted(shards):
             m = np.flatnonzero(shards == s)
             # Raw float32 rows travel; consumers prepare them (knn_kernels.prepared_vectors).
             yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": block["vecs"][m],
                                       "names": block["names"].take(pa.array(m))})
             yield beam.pvalue.TaggedOutput("names", (int(s), {"ids": ids[m], "names": block["names"].take(pa.array(m))}))
         buckets = (block["hashes"] % np.uint64(64)).astype(np.int64)
-        for b in np.unique(buckets):
+        for b in unique_sorted(buckets):
             m = np.flatnonzero(buckets == b)
             yield beam.pvalue.TaggedOutput("dupcheck", (int(b), (block["hashes"][m], block["names"].take(pa.array(m)))))
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
+from cm_beam.array_ops import unique_sorted
 from cm_beam.hac_kernels import Clusters, lookup, shard_of
 from cm_beam.knn_graph import _Timer  # one stage timer for every cm-cluster stage
 
@@ -63,7 +64,7 @@ def _emit_done(clusters: Clusters, members):
         return
     points, labels, sizes = _assignments(clusters, members)
     shards = shard_of(points)
-    for s in np.unique(shards):
+    for s in unique_sorted(shards):
         m = shards == s
         yield beam.pvalue.TaggedOutput("done", (int(s), {"points": points[m], "labels": labels[m], "sizes": sizes[m]}))
     yield beam.pvalue.TaggedOutput("sizes", clusters.counts)
@@ -83,7 +84,7 @@ def _symmetric_edges(kv):
     src = np.concatenate([block["src"], block["dst"]])
     dst = np.concatenate([block["dst"], block["src"]])
     shards = shard_of(src)
-    for s in np.unique(shards):
+    for s in unique_sorted(shards):
         m = shards == s
         yield int(s), ("edges", (src[m], dst[m]))
 
@@ -155,10 +156,10 @@ def _send_ghosts(kv):
     yield shard, ("state", st)
     c, src, dst = st["clusters"], st["src"], st["dst"]
     dshard = shard_of(dst)
-    for q in np.unique(dshard):
+    for q in unique_sorted(dshard):
         if q == shard:
             continue
-        need = np.unique(src[dshard == q])
+        need = unique_sorted(src[dshard == q])
         pos = lookup(c.ids, need)
         if (pos < 0).any():  # edges must start at this shard's own clusters
             raise AssertionError(f"shard {shard}: {int((pos < 0).sum())} edge sources are not its clusters "
@@ -205,7 +206,7 @@ def _nearest(kv, eps, metric, round_index):
         nn_full = nn[lookup(has, c.ids)]
         nshard = shard_of(nn_full)
         remote = nshard != shard
-        for q in np.unique(nshard[remote]):
+        for q in unique_sorted(nshard[remote]):
             m = nshard == q
             yield int(q), ("choice", (c.ids[m], nn_full[m]))
         st = _state(c, members, src, dst)
@@ -242,7 +243,7 @@ def _match(kv, round_index):
             members_lost, members = _take_members(st["members"], losers)
             # The loser's state goes to its winner's shard (maybe this one).
             wshard = shard_of(winners)
-            for q in np.unique(wshard):
+            for q in unique_sorted(wshard):
                 m = wshard == q
                 sub_ids = losers[m]
                 mo, mp = members_lost
@@ -255,8 +256,8 @@ def _match(kv, round_index):
             on_loser = np.isin(src, losers)
             nshard = shard_of(dst[on_loser])
             nsrc = src[on_loser]
-            for q in np.unique(np.concatenate([nshard, [shard]])):
-                olds = np.unique(nsrc[nshard == q]) if q != shard else losers
+            for q in unique_sorted(np.concatenate([nshard, [shard]])):
+                olds = unique_sorted(nsrc[nshard == q]) if q != shard else losers
                 yield int(q), ("rename", (olds, winners[lookup(losers, olds)]))
             st = _state(c.take(~is_loser), members, src, dst)
         else:
@@ -307,7 +308,7 @@ def _relabel(kv):
         sshard = shard_of(src)
         stay = sshard == shard
         moved = 0
-        for q in np.unique(sshard[~stay]):
+        for q in unique_sorted(sshard[~stay]):
             m = sshard == q
             msrc, mdst = _directed_unique(src[m], dst[m])  # fewer bytes, and a tighter count
             moved += len(msrc)
@@ -349,14 +350,17 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
         clusters = Clusters.concat([s["clusters"] for s in states], d)
         owner = np.concatenate([s["members"][0] for s in states])
         points = np.concatenate([s["members"][1] for s in states])
-        u, v = hk.canonical_edges(np.concatenate([s["src"] for s in states]), np.concatenate([s["dst"] for s in states]))
-        if len(u) > max_inmemory_edges:
+        u = np.concatenate([s["src"] for s in states])
+        v = np.concatenate([s["dst"] for s in states])
+        try:
+            final, (losers, winners), stats, _ = hk.hac_in_memory(clusters, u, v, eps, metric,
+                                                                  max_edges=max_inmemory_edges)
+        except hk.TooManyEdges as e:
             raise RuntimeError(
-                f"cm-cluster: {len(u)} candidate edges are left after --max_rounds={max_rounds} rounds, "
+                f"cm-cluster: {e.edges} candidate edges are left after --max_rounds={max_rounds} rounds, "
                 f"more than --max_inmemory_edges={max_inmemory_edges} allows on one worker; "
                 "raise --max_rounds (or --max_inmemory_edges if one worker has the memory)"
-            )
-        final, (losers, winners), stats, _ = hk.hac_in_memory(clusters, u, v, eps, metric)
+            ) from None
         for i, s in enumerate(stats):
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
@@ -394,7 +398,13 @@ class HacRounds(beam.PTransform):
     def expand(self, inputs):
         eps, metric = self._eps, self._metric
         points = inputs["points"] | "TagPoints" >> beam.Map(lambda kv: (kv[0], ("points", kv[1])))
-        edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
+        if self._max_rounds:
+            edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
+        else:
+            # Straight to the in-memory finish, which takes each undirected edge once
+            # (`canonical_edges`): no need to ship the reverse directions.
+            edges = inputs["edges"] | "TagEdges" >> beam.Map(
+                lambda kv: (kv[0], ("edges", (kv[1]["src"], kv[1]["dst"]))))
         # Each stage that builds a round's state routes it: to the next Beam round, or
         # to the in-memory finish once the (bounded) edge count fits one worker.
         knn_directed = (

@@ -34,9 +34,11 @@ lookups are `searchsorted`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from cm_beam.array_ops import unique_sorted
 
 METRICS = ("cosine", "sqeuclidean")
 # Edges per chunk when gathering sum vectors (chunk x d float64 per side).
@@ -240,8 +242,34 @@ def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metr
     return clusters, u, v, winners, losers, RoundStats(n_edges, len(src), len(winners))
 
 
+class TooManyEdges(ValueError):
+    """More distinct candidate edges than the in-memory finish may hold."""
+
+    def __init__(self, edges: int):
+        super().__init__(f"{edges} distinct candidate edges")
+        self.edges = edges
+
+
+def dense_canonical_edges(ids_sorted: np.ndarray, u: np.ndarray, v: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Edges between ids as unique (a < b) pairs of positions in `ids_sorted`, sorted.
+
+    The same edges as `canonical_edges`, but positions pack into one int64 key
+    (a * m + b), so one sort replaces a two-key lexsort. Raises ValueError if an
+    edge names an id that is not in `ids_sorted`.
+    """
+    iu = lookup(ids_sorted, np.asarray(u, np.int64))
+    iv = lookup(ids_sorted, np.asarray(v, np.int64))
+    if (iu < 0).any() or (iv < 0).any():
+        raise ValueError("an edge names a cluster that is not in the state")
+    a, b = np.minimum(iu, iv), np.maximum(iu, iv)
+    keep = a != b
+    m = np.int64(max(len(ids_sorted), 1))
+    key = unique_sorted(a[keep] * m + b[keep])
+    return key // m, key % m
+
+
 def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str,
-                  max_rounds: int = 1 << 30):
+                  max_rounds: int = 1 << 30, max_edges: Optional[int] = None):
     """Runs RNN rounds until no candidate edge within eps is left.
 
     The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
@@ -254,7 +282,8 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
 
     Returns (final clusters, (loser ids, winner ids) of every merge in order, list
     of RoundStats, remaining edges (u, v) as ids). `resolve_parents` maps any
-    initial id to its final cluster.
+    initial id to its final cluster. Raises TooManyEdges before any round when the
+    distinct edges are more than `max_edges`.
     """
     clusters = clusters.sorted()
     m = len(clusters)
@@ -262,10 +291,9 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
     counts, sums, sq = clusters.counts.copy(), clusters.sums.copy(), clusters.sq.copy()
     labels = clusters.labels.copy()
     alive = np.ones(m, bool)
-    u, v = canonical_edges(np.asarray(u, np.int64), np.asarray(v, np.int64))
-    iu, iv = lookup(ids, u), lookup(ids, v)
-    if (iu < 0).any() or (iv < 0).any():
-        raise ValueError("an edge names a cluster that is not in the state")
+    iu, iv = dense_canonical_edges(ids, u, v)
+    if max_edges is not None and len(iu) > max_edges:
+        raise TooManyEdges(len(iu))
     link = np.empty(len(iu))
     dirty = np.ones(len(iu), bool)
     state = Clusters(ids, counts, sums, sq, labels)  # views: updated in place below

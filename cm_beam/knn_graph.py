@@ -35,6 +35,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from cm_beam import knn_kernels as kk
+from cm_beam.array_ops import unique_sorted
 from cm_beam.hac_kernels import hash_part, shard_of
 
 MODES = ("exact", "ivf")
@@ -63,7 +64,7 @@ def _split_by_shard(src, dst, dist):
     """Edge arrays -> [(shard of src, edge block)]."""
     shards = shard_of(src)
     out = []
-    for s in np.unique(shards):
+    for s in unique_sorted(shards):
         m = shards == s
         out.append((int(s), _edge_block(src[m], dst[m], dist[m])))
     return out
@@ -91,7 +92,7 @@ class _MergeSampleTopk(beam.CombineFn):
         rows = np.concatenate(rows); ids = np.concatenate(ids); dists = np.concatenate(dists)
         src, dst, dist = kk.dense_to_edges(rows, ids, dists)
         src, dst, dist = kk.topk_edges(src, dst, dist, self._k)
-        uniq = np.unique(rows)
+        uniq = unique_sorted(rows)
         out_ids = np.full((len(uniq), self._k), kk.PAD_ID, np.int64)
         out_d = np.full((len(uniq), self._k), np.inf, np.float32)
         if len(src):

@@ -260,6 +260,10 @@ def test_ragged_and_duplicate_ids_fail_without_manifest(tmp_path):
     write_pool(str(dup_dir), x, ids[:100] + ids[:100], files=2)
     with pytest.raises(InputError, match=r"duplicate example_id 'img-000"):
         cm_cluster(str(dup_dir / "*.parquet"), out, 0.2, "--overwrite")
+    # More candidate edges than one worker may finish in memory, with no rounds left.
+    with pytest.raises(RuntimeError, match=r"--max_rounds=0 rounds, more than --max_inmemory_edges=50 "):
+        cm_cluster(good, out, 0.2, "--overwrite", "--max_rounds", "0", "--max_inmemory_edges", "50")
+    assert artifacts.read_manifest(str(out)) is None
     assert artifacts.read_manifest(str(out)) is None
 
 

@@ -113,6 +113,22 @@ def test_fast_in_memory_rounds_match_the_simple_round_on_a_sparse_graph():
     assert np.array_equal(c.ids, final.ids) and np.allclose(c.sums, final.sums)
 
 
+def test_dense_canonical_edges_and_the_edge_limit():
+    rng = np.random.default_rng(4)
+    ids = np.sort(rng.choice(1 << 62, 300, replace=False)).astype(np.int64)
+    u, v = ids[rng.integers(0, 300, 5000)], ids[rng.integers(0, 300, 5000)]
+    a, b = hk.canonical_edges(u, v)
+    ia, ib = hk.dense_canonical_edges(ids, u, v)
+    assert np.array_equal(ids[ia], a) and np.array_equal(ids[ib], b)  # same edges, same order
+    with pytest.raises(ValueError, match="not in the state"):
+        hk.dense_canonical_edges(ids[1:], u, v)
+    c = hk.Clusters(ids, np.ones(300, np.int64), rng.normal(size=(300, 4)), np.zeros(300), ids.copy())
+    with pytest.raises(hk.TooManyEdges) as e:
+        hk.hac_in_memory(c, u, v, 0.5, "sqeuclidean", max_edges=len(a) - 1)
+    assert e.value.edges == len(a)
+    assert hk.hac_in_memory(c, u, v, 0.5, "sqeuclidean", max_edges=len(a))[2][0].edges == len(a)
+
+
 def test_cluster_state_pickles_losslessly_with_float32_rows():
     import pickle
 
@@ -128,3 +144,13 @@ def test_cluster_state_pickles_losslessly_with_float32_rows():
     assert back.sums.dtype == np.float64
     saved = len(pickle.dumps((c.ids, c.counts, c.sums, c.sq, c.labels))) - len(pickle.dumps(c))
     assert saved > 0.95 * singles * d * 4, "float32-exact rows should travel as float32"
+
+
+def test_unique_sorted_is_np_unique():
+    from cm_beam.array_ops import unique_sorted
+
+    rng = np.random.default_rng(9)
+    for a in (rng.integers(0, 50, 10_000), rng.integers(-(1 << 62), 1 << 62, 5000), np.zeros(0, np.int64),
+              np.array([7]), rng.integers(0, 3, (40, 5))):
+        got = unique_sorted(a)
+        assert np.array_equal(got, np.unique(a)) and got.dtype == np.asarray(a).dtype
