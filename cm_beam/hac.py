@@ -407,11 +407,14 @@ class HacRounds(beam.PTransform):
                 lambda kv: (kv[0], ("edges", (kv[1]["src"], kv[1]["dst"]))))
         # Each stage that builds a round's state routes it: to the next Beam round, or
         # to the in-memory finish once the (bounded) edge count fits one worker.
-        knn_directed = (
-            inputs["edges"]
-            | "CountKnnEdges" >> beam.Map(_directed_bound)
-            | "SumKnnEdges" >> beam.CombineGlobally(sum)
-        )
+        if self._max_rounds:
+            knn_directed = (
+                inputs["edges"]
+                | "CountKnnEdges" >> beam.Map(_directed_bound)
+                | "SumKnnEdges" >> beam.CombineGlobally(sum)
+            )
+        else:  # everything goes to the finish: no count needed
+            knn_directed = inputs["edges"].pipeline | "NoKnnEdgeCount" >> beam.Create([0])
         routed = (
             (points, edges)
             | "FlattenInit" >> beam.Flatten()

@@ -180,14 +180,14 @@ def _ivf_partition_topk(kv, k, metric, max_dist, sample):
         yield item
 
 
-def _merge_shard_edges(kv, k):
+def _merge_shard_edges(kv, k, distinct):
     shard, parts = kv
     with _Timer("knn"):
         parts = list(parts)
         src = np.concatenate([p["src"] for p in parts])
         dst = np.concatenate([p["dst"] for p in parts])
         dist = np.concatenate([p["dist"] for p in parts])
-        src, dst, dist = kk.topk_edges(src, dst, dist, k)
+        src, dst, dist = kk.topk_edges(src, dst, dist, k, distinct=distinct)
     return shard, _edge_block(src, dst, dist)
 
 
@@ -279,6 +279,7 @@ class KnnGraph(beam.PTransform):
         outputs["edges"] = (
             partial
             | "GroupBySourceShard" >> beam.GroupByKey()
-            | "MergeTopk" >> beam.Map(_merge_shard_edges, k)
+            # Exact mode computes every pair once; ivf partitions overlap (repeats).
+            | "MergeTopk" >> beam.Map(_merge_shard_edges, k, self._mode == "exact")
         )
         return outputs

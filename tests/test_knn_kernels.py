@@ -152,3 +152,18 @@ def test_own_block_bounds_and_pair_candidates_give_the_whole_topk(metric, max_di
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     np.testing.assert_allclose(got[2], want[2], rtol=1e-5, atol=1e-5)
     assert pruned > 0  # the bounds cut candidates (the point of them)
+
+
+def test_topk_edges_of_distinct_edges_takes_the_packed_key_path_with_the_same_result():
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 40, 3000) * 1_000_003 - 7
+    dst = rng.integers(0, 500, 3000)
+    pairs = np.unique(np.stack([src, dst], 1), axis=0)
+    src, dst = pairs[:, 0], pairs[:, 1]
+    dist = rng.integers(0, 30, len(src)).astype(np.float32) / 7  # many ties: broken by dst
+    dist[:5] = -0.0
+    dist[5:9] = np.inf
+    perm = rng.permutation(len(src))
+    want = kk.topk_edges(src[perm], dst[perm], dist[perm], 9)
+    got = kk.topk_edges(src[perm], dst[perm], dist[perm], 9, distinct=True)
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
