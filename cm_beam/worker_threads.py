@@ -3,10 +3,10 @@
 numpy's OpenBLAS starts one thread per core in every process that loads it. With
 the FnApiRunner in `multi_processing` mode, `--direct_num_workers` N processes each
 run their matrix products with that many threads, so N x cores threads spin on the
-cores: on the 2-core benchmark machine cm-cluster's kNN stage (matmuls) took 1.8x as
-long summed over workers with 2 worker processes as with 1 (ad hoc measurement; see
-the README's benchmark notes for the recorded runs). Dask's nanny sets the same
-variables to 1 for its worker processes for this reason.
+cores (OpenBLAS threads busy-wait). The cost on cm-cluster is measured side by side
+in benchmarks/results/cluster.json (`blas_threads`: `cluster_bench.py --part
+blas_threads`). Dask's nanny sets the same variables to 1 for its worker processes
+for this reason.
 
 `local_worker_blas_threads` sets OPENBLAS_NUM_THREADS / OMP_NUM_THREADS /
 MKL_NUM_THREADS to max(1, cores // N) in the environment that the runner's worker
