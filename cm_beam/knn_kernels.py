@@ -10,8 +10,11 @@ force on its own:
   recomputes every linkage exactly in float64);
 * `block_topk`: each query row's k nearest columns of a block, computed in row
   chunks so a block pair never materialises more than `chunk` x m distances;
-* `merge_topk`: merges partial top-k lists of the same points (from different
-  block pairs or IVF partitions), dropping repeated neighbours;
+* `kth_distance` / `pair_candidates`: a point's k-th distance inside its own block
+  bounds what another block can add; one distance matrix per block pair gives both
+  directions' candidates under those bounds;
+* `topk_edges`: merges partial neighbour lists of the same points (from different
+  block pairs or IVF partitions) into each point's top k, dropping repeats;
 * `kmeans` / `nearest_centroids`: a small deterministic k-means for the IVF
   partitions and the spatial shards.
 
@@ -21,7 +24,7 @@ padded with id -1 and distance +inf when fewer than k neighbours exist.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -67,37 +70,6 @@ def pair_distances(a: np.ndarray, b: np.ndarray, metric: str, a_sq: Optional[np.
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     np.maximum(out, 0.0, out=out)
     return out
-
-
-def _sorted_rows(ids: np.ndarray, dists: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Per row, the k smallest (dist, id) pairs in order; padded to k columns."""
-    n, m = ids.shape
-    if m > k:
-        # argpartition first (O(m)), then an exact ordering of the k+ survivors.
-        # Keeping every column tied with the k-th distance makes the id tie-break exact.
-        part = np.argpartition(dists, k - 1, axis=1)[:, :k]
-        kth = np.take_along_axis(dists, part, axis=1).max(axis=1)
-        # Columns tied with a finite k-th distance (inf = padding: ties there do not matter).
-        tied = (dists < kth[:, None]) | ((dists == kth[:, None]) & np.isfinite(dists))
-        if int(tied.sum(axis=1).max()) > k:
-            width = int(tied.sum(axis=1).max())
-            sel = np.argsort(~tied, axis=1, kind="stable")[:, :width]
-            ids = np.take_along_axis(ids, sel, axis=1)
-            dists = np.where(np.take_along_axis(tied, sel, axis=1), np.take_along_axis(dists, sel, axis=1), np.inf)
-        else:
-            ids = np.take_along_axis(ids, part, axis=1)
-            dists = np.take_along_axis(dists, part, axis=1)
-    # Sort by (dist, id); padded entries (inf, -1) go last because of their inf.
-    id_key = np.where(ids < 0, np.iinfo(np.int64).max, ids)
-    order = np.lexsort((id_key, dists), axis=-1)
-    ids = np.take_along_axis(ids, order, axis=1)[:, :k]
-    dists = np.take_along_axis(dists, order, axis=1)[:, :k]
-    if ids.shape[1] < k:
-        pad = k - ids.shape[1]
-        ids = np.concatenate([ids, np.full((n, pad), PAD_ID, np.int64)], axis=1)
-        dists = np.concatenate([dists, np.full((n, pad), np.inf, np.float32)], axis=1)
-    ids = np.where(np.isinf(dists), PAD_ID, ids)
-    return ids.astype(np.int64, copy=False), dists.astype(np.float32, copy=False)
 
 
 def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarray, k: int, metric: str,
@@ -263,23 +235,6 @@ def _topk_columns(d: np.ndarray, x_ids: np.ndarray, k: int) -> Tuple[np.ndarray,
         ids = np.concatenate([ids, np.full((n, k - m), PAD_ID, np.int64)], axis=1)
         dist = np.concatenate([dist, np.full((n, k - m), np.inf, np.float32)], axis=1)
     return ids.astype(np.int64, copy=False), dist.astype(np.float32, copy=False)
-
-
-def merge_topk(ids_parts: Sequence[np.ndarray], dist_parts: Sequence[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Merges top-k lists of the same rows; a neighbour seen twice counts once."""
-    ids = np.concatenate(ids_parts, axis=1)
-    dists = np.concatenate(dist_parts, axis=1).astype(np.float32, copy=False)
-    if len(ids_parts) > 1:
-        # Repeated neighbour ids in a row (IVF: a pair shares several partitions):
-        # keep one copy. Sorting by id puts repeats side by side.
-        order = np.argsort(ids, axis=1, kind="stable")
-        ids = np.take_along_axis(ids, order, axis=1)
-        dists = np.take_along_axis(dists, order, axis=1)
-        dup = np.zeros_like(ids, dtype=bool)
-        dup[:, 1:] = (ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != PAD_ID)
-        dists = np.where(dup, np.inf, dists)
-        ids = np.where(dup, PAD_ID, ids)
-    return _sorted_rows(ids, dists, k)
 
 
 def brute_force_topk(x: np.ndarray, ids: np.ndarray, k: int, metric: str) -> Tuple[np.ndarray, np.ndarray]:

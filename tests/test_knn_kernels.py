@@ -62,16 +62,17 @@ def test_block_topk_cut_pads_and_keeps_within():
     assert np.all(cut_d[np.isfinite(cut_d)] <= 0.05 + kk.prune_tolerance("cosine", 0.05))
 
 
-def test_merge_topk_of_column_split_equals_whole():
+def test_topk_edges_of_column_split_lists_equals_whole():
     x = _points(seed=3)
     ids = np.arange(len(x), dtype=np.int64) * 7
-    whole_ids, whole_d = kk.block_topk(x, ids, x, ids, 15, "sqeuclidean")
-    parts = [kk.block_topk(x, ids, x[s], ids[s], 15, "sqeuclidean") for s in (slice(0, 100), slice(100, 220), slice(220, None))]
+    whole = kk.dense_to_edges(ids, *kk.block_topk(x, ids, x, ids, 15, "sqeuclidean"))
+    parts = [kk.dense_to_edges(ids, *kk.block_topk(x, ids, x[s], ids[s], 15, "sqeuclidean"))
+             for s in (slice(0, 100), slice(100, 220), slice(220, None))]
     # Overlapping parts (a neighbour seen twice) must count once.
-    parts.append(kk.block_topk(x, ids, x[50:150], ids[50:150], 15, "sqeuclidean"))
-    got_ids, got_d = kk.merge_topk([p[0] for p in parts], [p[1] for p in parts], 15)
-    assert np.array_equal(got_ids, whole_ids)
-    np.testing.assert_allclose(got_d, whole_d, rtol=1e-5, atol=1e-5)
+    parts.append(kk.dense_to_edges(ids, *kk.block_topk(x, ids, x[50:150], ids[50:150], 15, "sqeuclidean")))
+    got = kk.topk_edges(*(np.concatenate([p[i] for p in parts]) for i in range(3)), 15)
+    assert np.array_equal(got[0], whole[0]) and np.array_equal(got[1], whole[1])
+    np.testing.assert_allclose(got[2], whole[2], rtol=1e-5, atol=1e-5)
 
 
 def test_topk_edges_dedupes_and_limits():
