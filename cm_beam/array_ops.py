@@ -1,10 +1,10 @@
 """Sort-based numpy set operations for the pipeline's hot paths (no Beam import).
 
-numpy >= 2.3 answers a plain `np.unique(a)` with a hash table. On the id and shard
-arrays of cm-cluster that is 4-30x slower than sorting (numpy's sort is SIMD
-vectorised; the hash path is not): 2M ids with 100K distinct values took 0.98 s
-against 0.03 s on the benchmark machine (numpy 2.4; see numpy/numpy#28375 and #31970,
-which make the choice adaptive). `unique_sorted` always sorts, on any numpy.
+numpy >= 2.3 answers a plain `np.unique(a)` with a hash table. On int64 arrays like
+cm-cluster's ids and shard numbers that is 4x (16 distinct values) to 68x (all
+distinct) slower than sorting, which numpy vectorises (benchmarks/unique_bench.py,
+results/unique.json, numpy 2.4; see numpy/numpy#28375 and #31970, which make the
+choice adaptive). `unique_sorted` always sorts, on any numpy.
 """
 
 from __future__ import annotations
