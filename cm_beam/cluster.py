@@ -48,8 +48,9 @@ CLUSTERS_SCHEMA = pa.schema([("example_id", pa.string()), ("cluster_id", pa.int6
 REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("reason", pa.string())])
 
 KNN_MODES = ("auto", "exact", "ivf")
-# Pools up to this size use exact kNN under knn_mode="auto" (see README: measured
-# crossover on this 2-core machine; exact work grows as n^2).
+# Pools up to this size use exact kNN under knn_mode="auto": exact candidates where
+# they cost little (benchmarks/results/cluster.json, `crossover`: at 50K exact took 1.2x
+# ivf's time on synthetic blobs, 1.5x at 100K; exact work grows as n^2).
 DEFAULT_EXACT_MAX_POINTS = 50_000
 DEFAULT_NUM_NEIGHBORS = 100
 DEFAULT_NUM_SHARDS = 16
