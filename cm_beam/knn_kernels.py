@@ -301,29 +301,23 @@ def topk_edges(src: np.ndarray, dst: np.ndarray, dist: np.ndarray, k: int, disti
     A pair found in several block pairs / partitions appears more than once, maybe
     with distances that differ in the last float32 bits; the smallest is kept.
     `distinct=True` promises no (src, dst) repeats (exact kNN: every pair is computed
-    once), which allows one two-key sort: (src rank, float32 distance bits) packed in
-    one uint64 (non-negative floats order like their bits), then dst. Edges come out
-    sorted by (src, dist, dst) either way.
+    once) and skips that step. The order is one two-key sort: (src rank, float32
+    distance bits) packed in one uint64 (non-negative floats order like their bits),
+    then dst. Edges come out sorted by (src, dist, dst).
     """
     if len(src) == 0:
         return src.astype(np.int64), dst.astype(np.int64), dist.astype(np.float32)
-    if distinct:
-        src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
-        dist = np.asarray(dist, np.float32) + np.float32(0.0)  # -0.0 -> +0.0
-        rank = np.searchsorted(unique_sorted(src), src).astype(np.uint64)
-        order = np.lexsort((dst, (rank << np.uint64(32)) | dist.view(np.uint32).astype(np.uint64)))
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    dist = np.asarray(dist, np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+    if not distinct:
+        # Repeats side by side, smallest distance first: keep that one.
+        order = np.lexsort((dist, dst, src))
         src, dst, dist = src[order], dst[order], dist[order]
-        starts = np.ones(len(src), bool)
-        starts[1:] = src[1:] != src[:-1]
-        group_start = np.maximum.accumulate(np.where(starts, np.arange(len(src)), 0))
-        keep = (np.arange(len(src)) - group_start) < k
-        return src[keep], dst[keep], dist[keep]
-    order = np.lexsort((dist, dst, src))
-    src, dst, dist = src[order], dst[order], dist[order]
-    first = np.ones(len(src), bool)
-    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
-    src, dst, dist = src[first], dst[first], dist[first]
-    order = np.lexsort((dst, dist, src))
+        first = np.ones(len(src), bool)
+        first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+        src, dst, dist = src[first], dst[first], dist[first]
+    rank = np.searchsorted(unique_sorted(src), src).astype(np.uint64)
+    order = np.lexsort((dst, (rank << np.uint64(32)) | dist.view(np.uint32).astype(np.uint64)))
     src, dst, dist = src[order], dst[order], dist[order]
     starts = np.ones(len(src), bool)
     starts[1:] = src[1:] != src[:-1]
