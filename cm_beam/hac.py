@@ -119,7 +119,8 @@ def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish)
     clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
     src = np.concatenate(srcs) if srcs else _EMPTY
     dst = np.concatenate(dsts) if dsts else _EMPTY
-    src, dst = _directed_unique(src, dst)
+    if not force_finish:  # the finish deduplicates every edge itself (dense_canonical_edges)
+        src, dst = _directed_unique(src, dst)
     return _route(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst),
                   directed_bound, max_inmemory_edges, force_finish)
 
@@ -398,22 +399,20 @@ class HacRounds(beam.PTransform):
     def expand(self, inputs):
         eps, metric = self._eps, self._metric
         points = inputs["points"] | "TagPoints" >> beam.Map(lambda kv: (kv[0], ("points", kv[1])))
-        if self._max_rounds:
-            edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
-        else:
-            # Straight to the in-memory finish, which takes each undirected edge once
-            # (`canonical_edges`): no need to ship the reverse directions.
-            edges = inputs["edges"] | "TagEdges" >> beam.Map(
-                lambda kv: (kv[0], ("edges", (kv[1]["src"], kv[1]["dst"]))))
         # Each stage that builds a round's state routes it: to the next Beam round, or
         # to the in-memory finish once the (bounded) edge count fits one worker.
         if self._max_rounds:
+            edges = inputs["edges"] | "SymmetricEdges" >> beam.FlatMap(_symmetric_edges)
             knn_directed = (
                 inputs["edges"]
                 | "CountKnnEdges" >> beam.Map(_directed_bound)
                 | "SumKnnEdges" >> beam.CombineGlobally(sum)
             )
-        else:  # everything goes to the finish: no count needed
+        else:
+            # Straight to the in-memory finish, which takes each undirected edge once
+            # (`hac_kernels.dense_canonical_edges`): no reverse directions, no count.
+            edges = inputs["edges"] | "TagEdges" >> beam.Map(
+                lambda kv: (kv[0], ("edges", (kv[1]["src"], kv[1]["dst"]))))
             knn_directed = inputs["edges"].pipeline | "NoKnnEdgeCount" >> beam.Create([0])
         routed = (
             (points, edges)

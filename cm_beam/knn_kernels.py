@@ -101,12 +101,9 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
         if not np.isfinite(max_dist):
             out_ids[start:stop], out_d[start:stop] = _topk_columns(d, x_ids, k)
             continue
-        # float32 slack so no pair truly within max_dist is lost; callers
-        # recompute exact float64 linkages and cut exactly afterwards.
-        cut = max_dist + prune_tolerance(metric, max_dist)
+        cut = _distance_cut(metric, max_dist)
         if metric == "sqeuclidean":
-            q_sq = sq_norms(q[start:stop].astype(np.float32))
-            cut = cut + 1e-5 * (q_sq[:, None] + x_sq[None, :])
+            cut = cut + _sq_slack(sq_norms(q[start:stop].astype(np.float32))[:, None], x_sq[None, :])
         within = d <= cut
         counts = within.sum(axis=1)
         full = np.flatnonzero(counts > k)
@@ -127,6 +124,18 @@ def block_topk(q: np.ndarray, q_ids: np.ndarray, x: np.ndarray, x_ids: np.ndarra
         out_ids[start + rows, rank] = cid
         out_d[start + rows, rank] = dd
     return out_ids, out_d
+
+
+def _distance_cut(metric: str, max_dist: float) -> float:
+    """The float32 cut for `max_dist` (inf stays inf): slack so that no pair truly
+    within max_dist is lost; callers recompute exact float64 linkages and cut exactly.
+    Squared Euclidean adds `_sq_slack` of the pair's norms on top."""
+    return max_dist + prune_tolerance(metric, max_dist) if np.isfinite(max_dist) else np.inf
+
+
+def _sq_slack(a_sq, b_sq):
+    """Extra cut for squared Euclidean pairs: float32 error grows with the squared norms."""
+    return 1e-5 * (a_sq + b_sq)
 
 
 def kth_distance(dists: np.ndarray) -> np.ndarray:
@@ -157,13 +166,13 @@ def pair_candidates(a: np.ndarray, a_ids: np.ndarray, a_bound: np.ndarray, b: np
     na, nb = a.shape[0], b.shape[0]
     fwd, back = [], []
     if na and nb:
-        cut = max_dist + prune_tolerance(metric, max_dist) if np.isfinite(max_dist) else np.inf
+        cut = _distance_cut(metric, max_dist)
         a_sq = sq_norms(np.asarray(a, np.float32)) if metric == "sqeuclidean" else None
         b_sq = sq_norms(np.asarray(b, np.float32)) if metric == "sqeuclidean" else None
         # Largest per-pair cut of a row / column (sqeuclidean's slack grows with the norms):
         # a coarse limit for the full-matrix pass, refined exactly on the few survivors.
-        slack_a = 1e-5 * (a_sq + b_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
-        slack_b = 1e-5 * (b_sq + a_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
+        slack_a = _sq_slack(a_sq, b_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
+        slack_b = _sq_slack(b_sq, a_sq.max()) if metric == "sqeuclidean" and np.isfinite(cut) else 0.0
         # Rounded up to float32 so the coarse pass never drops a pair the exact test keeps.
         up = np.float32(np.inf)
         lim_a = np.nextafter(np.minimum(a_bound, cut + slack_a).astype(np.float32), up)
@@ -191,7 +200,7 @@ def pair_candidates(a: np.ndarray, a_ids: np.ndarray, a_bound: np.ndarray, b: np
             rows = rows + start
             pair_cut = cut
             if metric == "sqeuclidean" and np.isfinite(cut):
-                pair_cut = cut + 1e-5 * (a_sq[rows] + b_sq[cols])
+                pair_cut = cut + _sq_slack(a_sq[rows], b_sq[cols])
             within = dd <= pair_cut
             to_b = within & (dd <= a_bound[rows])
             to_a = within & (dd <= b_bound[cols])
