@@ -4,7 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test clean
+.PHONY: install system-deps demo test clean
+
+# Debian data the tests and benchmarks read (the real-image label-efficiency test): installed
+# when missing, so a fresh machine needs nothing by hand. Needs root (CI runs as root).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+system-deps:
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+		echo "installing Debian package dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +30,7 @@ demo: install
 	$(PY) -m pipelines.nightly --demo --work_dir demo_output/work --replace_batch
 
 # The test suite (what CI runs).
-test: install
+test: install system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 clean:
