@@ -11,6 +11,15 @@ images; the 10K test images are the evaluation set of every setting:
   standard deviation `noise_std` (grey levels), clipped to uint8. With the defaults
   (12,000 x 5) the pool has the same 60K size as the plain one, so the two settings
   differ only in redundancy, the way web-scale pools are full of near-copies.
+* `zipf`: `num_sources` training images, each present a Zipf-distributed number of
+  times (P(c) proportional to c^-a on 1..`max_copies`: most once or twice, a few
+  dozens of times), the first copy as it is and the others augmented (horizontal
+  flip, shift, contrast change, pixel noise): the heavy, uneven duplication of
+  web-scale pools.
+
+`PoolSpec` names a pool completely (kind, the range of training images its sources
+come from, the draw's seed), so calibration and evaluation pools can be drawn from
+disjoint halves of the training split. `load_npz_pool` reads a user's own pool.
 
 `write_png_parquet` writes a pool once as Parquet (`example_id` string, `image` PNG
 bytes), the input of `cm-embed`. PNG is lossless, so the product sees exactly the
@@ -129,6 +138,104 @@ def make_pool(name: str, train_images: np.ndarray, train_labels: np.ndarray, *, 
         images = near_duplicates(train_images[base], copies, max_shift, noise_std, rng)
         return Pool(name, images, np.repeat(train_labels[base], copies), np.repeat(base, copies))
     raise ValueError(f"unknown pool setting {name!r} (expected plain or redundant)")
+
+
+def augmented_copies(image: np.ndarray, count: int, rng: np.random.Generator, max_shift: int = 2,
+                     contrast: tuple = (0.7, 1.3), max_noise_std: float = 12.0) -> np.ndarray:
+    """`count` versions of `image`: the first as it is, the others each flipped left-right
+    with probability 1/2, shifted by up to `max_shift` px, contrast-scaled about the
+    image mean by a factor in `contrast`, with Gaussian noise of sd up to `max_noise_std`."""
+    out = np.empty((count,) + image.shape, dtype=np.uint8)
+    out[0] = image
+    for c in range(1, count):
+        x = image[:, ::-1] if rng.random() < 0.5 else image
+        dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+        x = shift_image(np.ascontiguousarray(x), int(dy), int(dx)).astype(np.float64)
+        x = (x - x.mean()) * rng.uniform(*contrast) + x.mean()
+        x = x + rng.normal(0.0, rng.uniform(0.0, max_noise_std), size=x.shape)
+        out[c] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    return out
+
+
+def zipf_counts(n: int, max_copies: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """n draws from P(c) proportional to c^-exponent on 1..max_copies."""
+    c = np.arange(1, max_copies + 1)
+    p = c ** -float(exponent)
+    return rng.choice(c, size=n, p=p / p.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolSpec:
+    """Everything that determines a pool drawn from the Fashion-MNIST training split."""
+
+    kind: str  # plain | redundant | zipf
+    source_range: tuple = (0, 60000)  # training images [lo, hi) the sources are drawn from
+    num_sources: int = 0  # 0: every image of the range (plain); redundant: pool size / copies
+    copies: int = 5  # redundant
+    max_shift: int = 2
+    noise_std: float = 10.0  # redundant
+    max_copies: int = 40  # zipf
+    zipf_exponent: float = 1.5  # zipf
+    data_seed: int = 20211
+
+
+def build_pool(name: str, spec: PoolSpec, train_images: np.ndarray, train_labels: np.ndarray) -> Pool:
+    """The pool `spec` describes. The draw depends only on the spec (never on the AL seed),
+    so every strategy and seed of a setting sees the same pool."""
+    lo, hi = spec.source_range
+    if not 0 <= lo < hi <= train_images.shape[0]:
+        raise ValueError(f"{name}: source_range {spec.source_range} outside the {train_images.shape[0]} training images")
+    if spec.kind in ("plain", "redundant") and spec.source_range == (0, train_images.shape[0]):
+        # The original settings: drawn exactly as make_pool always drew them.
+        size = spec.num_sources * (spec.copies if spec.kind == "redundant" else 1) or None
+        return dataclasses.replace(make_pool(spec.kind, train_images, train_labels, size=size, copies=spec.copies,
+                                             max_shift=spec.max_shift, noise_std=spec.noise_std,
+                                             data_seed=spec.data_seed), name=name)
+    rng = np.random.default_rng(spec.data_seed)
+    n = spec.num_sources or (hi - lo)
+    if n > hi - lo:
+        raise ValueError(f"{name}: {n} sources asked from a range of {hi - lo} images")
+    base = lo + np.sort(rng.choice(hi - lo, n, replace=False))
+    if spec.kind == "plain":
+        return Pool(name, train_images[base], train_labels[base], base)
+    if spec.kind == "redundant":
+        images = near_duplicates(train_images[base], spec.copies, spec.max_shift, spec.noise_std, rng)
+        return Pool(name, images, np.repeat(train_labels[base], spec.copies), np.repeat(base, spec.copies))
+    if spec.kind == "zipf":
+        counts = zipf_counts(n, spec.max_copies, spec.zipf_exponent, rng)
+        images = np.concatenate([augmented_copies(train_images[b], int(c), rng, spec.max_shift)
+                                 for b, c in zip(base, counts)])
+        source = np.repeat(base, counts)
+        # Copies of one source must not sit next to each other in id order.
+        order = rng.permutation(source.size)
+        return Pool(name, images[order], train_labels[source[order]], source[order])
+    raise ValueError(f"{name}: unknown pool kind {spec.kind!r} (expected plain, redundant or zipf)")
+
+
+def load_npz_pool(path: str):
+    """(pool, test_images, test_labels) from a user's .npz: `images` uint8 [n, 28, 28],
+    `labels` [n], optional `source` [n] (near-copy groups; default: each row its own),
+    `test_images` uint8 [m, 28, 28], `test_labels` [m]. Errors name the file and array."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key in ("images", "labels", "test_images", "test_labels"):
+        if key not in arrays:
+            raise ValueError(f"{path}: array {key!r} missing (has {sorted(arrays)})")
+    images, test_images = arrays["images"], arrays["test_images"]
+    for key, a in (("images", images), ("test_images", test_images)):
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[1:] != (28, 28):
+            raise ValueError(f"{path}: {key!r} must be uint8 [n, 28, 28], got {a.dtype} {list(a.shape)}")
+    n = images.shape[0]
+    labels = arrays["labels"].astype(np.int64)
+    test_labels = arrays["test_labels"].astype(np.int64)
+    source = arrays.get("source", np.arange(n)).astype(np.int64)
+    for key, a, m in (("labels", labels, n), ("source", source, n), ("test_labels", test_labels, test_images.shape[0])):
+        if a.shape != (m,):
+            raise ValueError(f"{path}: {key!r} must have shape [{m}], got {list(a.shape)}")
+    for key, a in (("labels", labels), ("test_labels", test_labels)):
+        if a.size and (a.min() < 0 or a.max() >= NUM_CLASSES):
+            raise ValueError(f"{path}: {key!r} must be class indices in [0, {NUM_CLASSES})")
+    return Pool("npz", images, labels, source), test_images, test_labels
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -7,7 +7,9 @@ re-implements a stage: if a stage is missing or fails, the strategy fails.
 
 * `embed_pool`: cm-embed over the pool Parquet (example_id + PNG) with a `.keras`
   model -> {example_id: margin} and the embeddings table (for cm-cluster).
-* `build_clusters`: cm-cluster over cm-embed's output -> cluster stats.
+* `build_clusters`: cm-cluster over cm-embed's output -> cluster stats (the output
+  dir also holds the merge hierarchy up to the distance threshold).
+* `recut`: `cm-cluster --recut_from` that hierarchy at a target mean cluster size.
 * `select_batch`: cm-select with the labeled set as --exclude -> the chosen ids in
   the order cm-select ranked them.
 """
@@ -75,6 +77,17 @@ def build_clusters(embeddings_dir: str, output_dir: str, distance_threshold: flo
     summary = dict(stage.run(argv) or {})
     summary.update(cluster_stats(output_dir))
     return summary
+
+
+def recut(hierarchy_dir: str, output_dir: str, target_mean_cluster_size: float) -> dict:
+    """Cuts cm-cluster's hierarchy at the achievable mean cluster size nearest the target."""
+    from pipelines import build_clusters as stage
+
+    summary = dict(stage.run(["--recut_from", hierarchy_dir, "--output_dir", output_dir, "--overwrite",
+                              "--target_mean_cluster_size", repr(float(target_mean_cluster_size)), *BEAM_ARGS]) or {})
+    stats = cluster_stats(output_dir)
+    return {"distance_threshold": summary.get("distance_threshold"), "target_mean_cluster_size": target_mean_cluster_size,
+            **stats}
 
 
 def cluster_stats(output_dir: str) -> dict:

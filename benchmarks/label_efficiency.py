@@ -5,38 +5,46 @@ scale). Each curve = one (setting, strategy, seed):
 
 1. a random seed set of `seed_size` pool examples is labeled;
 2. a small CNN (benchmarks/al_model.py) is trained from scratch on all labels so far
-   for a fixed number of epochs, and its accuracy on the 10K test images is recorded;
+   for a fixed number of epochs, and its accuracy on the test images is recorded;
 3. the strategy picks the next `batch_size` examples from the unlabeled pool, whose
    labels are then revealed; 2-3 repeat until `rounds` batches were added.
 
 Strategies:
 * `margin`, `cluster_margin`: the product's own pipelines. The trained model is saved
   as `.keras` (outputs `embedding`, `probs`); `cm-embed` scores the pool (written once
-  as Parquet of example_id + PNG); `cm-cluster` clusters the *seed model's* embeddings
-  once per curve (as in the paper); `cm-select` picks the batch with the labeled set
-  as `--exclude` (margin: k_m = k_t; cluster_margin: k_m = 10 k_t).
+  as Parquet of example_id + PNG); `cm-cluster` builds the average-linkage hierarchy of
+  the *seed model's* embeddings once per curve (as in the paper; `recluster` builds it
+  again on every round's model) and `cm-cluster --recut_from` cuts it at the mean
+  cluster size `target_cluster_size`; `cm-select` picks the batch with the labeled set
+  as `--exclude` (margin: k_m = k_t; cluster_margin: k_m = margin_pool_factor k_t).
 * `random`, `coreset` (k-center greedy on embeddings), `badge` (k-means++ seeding on
   gradient embeddings): in-memory baselines in benchmarks/al_baselines.py.
 
-eps rule (fixed before any result was seen, never tuned per run): the first time a
-setting needs clusters, eps is searched (secant/bisection, `calibrate_eps`) on that
-seed model's embeddings until cm-cluster's mean cluster size is within [8, 12.5]
-(target 10, the paper's recipe); it is saved in calibration-*.json and reused by
-every seed of the setting.
+The hierarchy is built up to `max_distance` (doubled until the target size is
+reachable); every cut of it equals a direct clustering at the cut's eps.
 
-Settings: `plain` (the 60K training images) and `redundant` (12K training images, each
-as 5 near-duplicates: shifts of up to 2 px and pixel noise; 60K rows). Both use the
-same batch size and budget.
+Settings (`SETTINGS`): every pool is drawn from the Fashion-MNIST training split and
+tested on its 10K test images.
+* evaluation: `plain` (the 60K training images), `redundant` (12K training images x 5
+  near-duplicates), `redundant_heldout` and `zipf_heldout` (sources from training
+  images 30,000-59,999 only), `large_batch` (plain pool, batches of 6,000: a tenth of
+  the pool per round, the regime of the paper's 1M-of-9M batches);
+* calibration (benchmarks/cm_settings_study.py chooses Cluster-Margin's settings on
+  these, never on an evaluation pool): `redundant_cal` and `zipf_cal`, sources from
+  training images 0-29,999 only;
+* `npz`: a user's own pool (`--pool_npz PATH`, see al_data.load_npz_pool).
 
 Resume: every finished curve is written to `<results>/label_efficiency/curves/` and
-skipped by a rerun with the same configuration. Each curve runs holding
+skipped by a rerun whose curve key (the setting, the CNN, the test set and, for
+cluster_margin, its settings) is the same. Each curve runs holding
 `/tmp/cm-bench.lock` (flock), one curve at a time, so other benchmarks interleave.
 After each curve the report (JSON, plots) is rewritten from all completed curves;
-`--report_only` rewrites it, and the README section, without running anything.
+`--report_only` rewrites it, and the benchmarks README section, without running anything.
 
 Usage:
     .venv/bin/python benchmarks/label_efficiency.py            # full run (hours)
     .venv/bin/python benchmarks/label_efficiency.py --report_only
+    .venv/bin/python benchmarks/label_efficiency.py --pool_npz my_pool.npz --results_dir /tmp/r
     .venv/bin/python benchmarks/label_efficiency.py --quick --results_dir /tmp/q --work_dir /tmp/qw
 """
 
@@ -66,13 +74,13 @@ if BENCH not in sys.path:
 
 import al_baselines  # noqa: E402
 import al_data  # noqa: E402
+from al_data import PoolSpec  # noqa: E402
 from al_model import CnnConfig  # noqa: E402
 
 _LOG = logging.getLogger("label_efficiency")
 
 STRATEGIES = ("random", "margin", "cluster_margin", "coreset", "badge")
 PRODUCT_STRATEGIES = ("margin", "cluster_margin")
-SETTINGS = ("plain", "redundant")
 DEFAULT_LOCK = "/tmp/cm-bench.lock"
 README_MARKER = "<!-- section:label-efficiency -->"
 # Accuracies at which the README table reports the labels each strategy needed.
@@ -80,35 +88,104 @@ DEFAULT_TARGETS = (0.80, 0.82, 0.84, 0.85, 0.86)
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """Everything that determines a curve; its hash names compatible curve files."""
+class Setting:
+    """A pool and its budget: seed set, batch size, rounds."""
 
-    pool_size: int = 60000
-    redundant_copies: int = 5
-    max_shift: int = 2
-    noise_std: float = 10.0
-    test_size: int = 10000
-    seed_size: int = 1000
+    name: str
+    pool: PoolSpec
     batch_size: int = 2000
+    seed_size: int = 1000
     rounds: int = 4
-    margin_pool_factor: float = 10.0  # k_m = 10 k_t
-    target_cluster_size: float = 10.0
-    cluster_size_tolerance: tuple = (8.0, 12.5)
-    num_neighbors: int = 0  # 0: cm-cluster's default
-    # Fixed eps (skips the calibration); None = calibrate once per setting (the rule above).
-    distance_threshold: Optional[float] = None
-    cnn: CnnConfig = CnnConfig()
+    role: str = "evaluation"  # or "calibration": only those may choose a setting
 
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
-        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+    @property
+    def budget(self) -> int:
+        return self.seed_size + self.rounds * self.batch_size
+
+
+SETTINGS: Dict[str, Setting] = {s.name: s for s in (
+    Setting("plain", PoolSpec("plain")),
+    Setting("redundant", PoolSpec("redundant", num_sources=12000)),
+    Setting("redundant_heldout", PoolSpec("redundant", (30000, 60000), 12000, data_seed=30001)),
+    Setting("zipf_heldout", PoolSpec("zipf", (30000, 60000), 6000, data_seed=30002)),
+    Setting("large_batch", PoolSpec("plain"), batch_size=6000),
+    Setting("redundant_cal", PoolSpec("redundant", (0, 30000), 12000, data_seed=10001), role="calibration"),
+    Setting("zipf_cal", PoolSpec("zipf", (0, 30000), 6000, data_seed=10002), role="calibration"),
+)}
+EVALUATION_SETTINGS = tuple(n for n, s in SETTINGS.items() if s.role == "evaluation")
+CALIBRATION_SETTINGS = tuple(n for n, s in SETTINGS.items() if s.role == "calibration")
+NPZ_SETTING = "npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterMarginConfig:
+    """How the `cluster_margin` strategy runs the product (benchmarks/cm_settings_study.py
+    chose these defaults on the calibration pools)."""
+
+    margin_pool_factor: float = 10.0  # k_m / k_t
+    target_cluster_size: float = 10.0  # mean cluster size of the cut
+    recluster: bool = False  # re-cluster on every round's model instead of the seed model's only
+    max_distance: float = 0.03  # first max eps of the hierarchy (doubled until the target is reachable)
+    num_neighbors: int = 0  # 0: cm-cluster's default
+
+    def label(self) -> str:
+        return (f"cm_f{self.margin_pool_factor:g}_s{self.target_cluster_size:g}"
+                + ("_recluster" if self.recluster else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What every curve shares; a curve's key adds its setting (and cluster_margin's config)."""
+
+    test_size: int = 10000
+    cnn: CnnConfig = CnnConfig()
+    cm: ClusterMarginConfig = ClusterMarginConfig()
+    quick: bool = False
+
+    def setting(self, name: str, pool_npz: Optional[str] = None) -> Setting:
+        if name == NPZ_SETTING:
+            if not pool_npz:
+                raise ValueError("setting 'npz' needs --pool_npz")
+            setting = Setting(NPZ_SETTING, PoolSpec("npz"))
+        else:
+            setting = SETTINGS[name]
+        if not self.quick:
+            return setting
+        # Quick: minutes, for the end-to-end test. A 1,000-row pool, batches of 100.
+        pool = setting.pool
+        if pool.kind in ("plain", "redundant"):
+            pool = dataclasses.replace(pool, num_sources=1000 // (pool.copies if pool.kind == "redundant" else 1))
+        elif pool.kind == "zipf":
+            pool = dataclasses.replace(pool, num_sources=200)
+        return dataclasses.replace(setting, pool=pool, batch_size=100, seed_size=200, rounds=2)
+
+    def curve_key(self, setting: Setting, strategy: str, pool_npz: Optional[str] = None) -> str:
+        blob = {"setting": dataclasses.asdict(setting), "test_size": self.test_size,
+                "cnn": dataclasses.asdict(self.cnn), "strategy": strategy}
+        if strategy == "cluster_margin":
+            blob["cm"] = dataclasses.asdict(self.cm)
+        if setting.name == NPZ_SETTING:
+            blob["pool_npz"] = _file_digest(pool_npz)
+        return hashlib.sha1(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 FULL = Config()
-# Quick: minutes, for the end-to-end test. eps fixed at what the calibration rule gave on
-# this pool (mean cluster size 7-11 on both settings), so the test runs cm-cluster once.
-QUICK = Config(pool_size=1000, test_size=1000, seed_size=200, batch_size=100, rounds=2, distance_threshold=0.03,
+# Quick: eps small enough for a 1,000-row pool; a 32-d CNN trained for 4 epochs.
+QUICK = Config(test_size=1000, quick=True, cm=ClusterMarginConfig(max_distance=0.05),
                cnn=CnnConfig(conv1=8, conv2=16, embedding_dim=32, epochs=4, batch_size=32))
+
+# The configuration of the curves recorded before settings had their own keys
+# (config a2656e5666): a baseline curve recorded under it is the same curve today.
+LEGACY_CONFIG = {"pool_size": 60000, "redundant_copies": 5, "max_shift": 2, "noise_std": 10.0, "test_size": 10000,
+                 "seed_size": 1000, "batch_size": 2000, "rounds": 4}
 
 
 # ----------------------------------------------------------------------------- paths
@@ -148,44 +225,120 @@ def bench_lock(path: Optional[str]):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def curve_matches(record: dict, key: str, strategy: str, config: Config) -> bool:
+    """A recorded curve counts for `key`: same key, or a baseline recorded before curve
+    keys existed (LEGACY_CONFIG) under exactly today's pool, budget, CNN and test set."""
+    if record.get("curve_key") == key:
+        return True
+    if "curve_key" in record or strategy == "cluster_margin" or record.get("setting") not in ("plain", "redundant"):
+        return False
+    legacy = record.get("config") or {}
+    return (not config.quick and config.test_size == LEGACY_CONFIG["test_size"]
+            and all(legacy.get(k) == v for k, v in LEGACY_CONFIG.items())
+            and legacy.get("cnn") == dataclasses.asdict(config.cnn) == dataclasses.asdict(FULL.cnn))
+
+
 # ----------------------------------------------------------------------------- data
 class Data:
-    """The test set and the pools, built once per process; pool Parquet written once."""
+    """Test set and pools, built once per process; pool Parquet written once; the seed
+    model and its cm-embed output shared by every curve of a (setting, seed)."""
 
-    def __init__(self, config: Config, data_dir: str, work_dir: str):
+    def __init__(self, config: Config, data_dir: str, work_dir: str, pool_npz: Optional[str] = None):
         self.config = config
         self.work_dir = work_dir
+        self.pool_npz = pool_npz
         train_x, train_y, test_x, test_y = al_data.load_fashion_mnist(data_dir)
         self.train_x, self.train_y = train_x, train_y
+        self._npz = None
+        if pool_npz:
+            self._npz = al_data.load_npz_pool(pool_npz)
+            test_x, test_y = self._npz[1], self._npz[2]
         if config.test_size < test_x.shape[0]:
             idx = np.sort(np.random.default_rng(7).choice(test_x.shape[0], config.test_size, replace=False))
             test_x, test_y = test_x[idx], test_y[idx]
         self.test_x, self.test_y = test_x, test_y
         self._pools: Dict[str, al_data.Pool] = {}
+        self._seed_models: Dict[tuple, object] = {}
+        self._seed_embeddings: Dict[tuple, str] = {}
+        self._hierarchies: Dict[tuple, dict] = {}
 
-    def pool(self, setting: str) -> al_data.Pool:
-        if setting not in self._pools:
-            c = self.config
-            self._pools[setting] = al_data.make_pool(
-                setting, self.train_x, self.train_y, size=c.pool_size, copies=c.redundant_copies,
-                max_shift=c.max_shift, noise_std=c.noise_std)
-        return self._pools[setting]
+    def setting(self, name: str) -> Setting:
+        return self.config.setting(name, self.pool_npz)
 
-    def pool_parquet(self, setting: str) -> str:
-        path = os.path.join(self.work_dir, f"pool-{setting}-{self.config.key()}", "pool.parquet")
+    def pool(self, name: str) -> al_data.Pool:
+        if name not in self._pools:
+            if name == NPZ_SETTING:
+                self._pools[name] = self._npz[0]
+            else:
+                self._pools[name] = al_data.build_pool(name, self.setting(name).pool, self.train_x, self.train_y)
+        return self._pools[name]
+
+    def _setting_dir(self, name: str) -> str:
+        key = self.config.curve_key(self.setting(name), "pool", self.pool_npz)
+        return os.path.join(self.work_dir, f"pool-{name}-{key}")
+
+    def pool_parquet(self, name: str) -> str:
+        path = os.path.join(self._setting_dir(name), "pool.parquet")
         if not os.path.exists(path):
-            al_data.write_png_parquet(self.pool(setting), path)
+            al_data.write_png_parquet(self.pool(name), path)
         return path
+
+    def seed_model(self, name: str, seed: int, labeled_idx: np.ndarray):
+        """The round-0 model of (setting, seed): every strategy of a seed starts from it."""
+        import al_model
+
+        key = (name, seed)
+        if key not in self._seed_models:
+            pool = self.pool(name)
+            self._seed_models[key] = al_model.train_cnn(pool.images[labeled_idx], pool.labels[labeled_idx],
+                                                        self.config.cnn, seed=seed * 1000)
+        return self._seed_models[key]
+
+    def seed_embeddings(self, name: str, seed: int, model) -> tuple:
+        """(cm-embed output dir of the seed model, seconds spent now): embedded once."""
+        import al_model
+        import al_product
+
+        key = (name, seed)
+        if key in self._seed_embeddings:
+            return self._seed_embeddings[key], 0.0
+        t0 = time.time()
+        out = os.path.join(self._setting_dir(name), f"seed{seed}-round0")
+        model_path = al_model.save_for_embedding(model, os.path.join(out, "model.keras"))
+        al_product.embed_pool(self.pool_parquet(name), model_path, os.path.join(out, "embed"))
+        self._seed_embeddings[key] = os.path.join(out, "embed")
+        return self._seed_embeddings[key], time.time() - t0
+
+    def hierarchy(self, embed_dir: str, out_dir: str, cm: ClusterMarginConfig) -> dict:
+        """cm-cluster's hierarchy of `embed_dir`, built once, up to a max eps at which the
+        mean cluster size reaches cm.target_cluster_size (doubled from cm.max_distance)."""
+        import al_product
+
+        key = (embed_dir, cm.num_neighbors)
+        known = self._hierarchies.get(key)
+        if known and known["mean_cluster_size"] >= cm.target_cluster_size:
+            return known
+        eps = max(cm.max_distance, known["max_distance"] * 2) if known else cm.max_distance
+        for _ in range(8):
+            t0 = time.time()
+            stats = al_product.build_clusters(embed_dir, out_dir, eps, cm.num_neighbors or None)
+            built = {"dir": out_dir, "max_distance": eps, "build_s": time.time() - t0,
+                     "mean_cluster_size": stats["mean_cluster_size"], "num_clusters": stats["num_clusters"]}
+            self._hierarchies[key] = built
+            _LOG.info("hierarchy of %s up to eps %.4f: mean cluster size %.2f", embed_dir, eps, stats["mean_cluster_size"])
+            if stats["mean_cluster_size"] >= cm.target_cluster_size:
+                return built
+            eps *= 2
+        raise RuntimeError(f"{embed_dir}: mean cluster size {cm.target_cluster_size} not reached up to eps {eps / 2}")
 
 
 # ----------------------------------------------------------------------------- strategies
 class Selector:
     """Chooses `k` unlabeled pool indices given the model trained on the labels so far."""
 
-    def __init__(self, strategy: str, setting: str, seed: int, data: Data, config: Config, work: str, calibration_path: str):
+    def __init__(self, strategy: str, setting: str, seed: int, data: Data, config: Config, work: str):
         self.strategy, self.setting, self.seed = strategy, setting, seed
         self.data, self.config, self.work = data, config, work
-        self.calibration_path = calibration_path
         self.rng = np.random.default_rng([seed, 1 + STRATEGIES.index(strategy)])
         self.info: Dict[str, object] = {}
         self._clusters_dir: Optional[str] = None
@@ -203,7 +356,7 @@ class Selector:
             return al_baselines.select_badge(emb, probs, labeled, k, self.rng)
         return self._select_with_product(model, labeled, round_index, k)
 
-    # The product path: cm-embed -> (cm-cluster once) -> cm-select.
+    # The product path: cm-embed -> (cm-cluster, cut) -> cm-select.
     def _select_with_product(self, model, labeled, round_index, k) -> np.ndarray:
         import al_model
         import al_product
@@ -211,33 +364,52 @@ class Selector:
         pool = self.data.pool(self.setting)
         round_dir = os.path.join(self.work, f"round{round_index}")
         os.makedirs(round_dir, exist_ok=True)
-        model_path = al_model.save_for_embedding(model, os.path.join(round_dir, "model.keras"))
         t0 = time.time()
-        embed_dir = os.path.join(round_dir, "embed")
-        embed_summary = al_product.embed_pool(self.data.pool_parquet(self.setting), model_path, embed_dir)
+        if round_index == 0:
+            embed_dir, _ = self.data.seed_embeddings(self.setting, self.seed, model)
+        else:
+            model_path = al_model.save_for_embedding(model, os.path.join(round_dir, "model.keras"))
+            embed_dir = os.path.join(round_dir, "embed")
+            al_product.embed_pool(self.data.pool_parquet(self.setting), model_path, embed_dir)
         timings = {"embed_s": time.time() - t0}
+        self.info.setdefault("embed_dirs", []).append(embed_dir)
         self._check_scores(model, embed_dir, pool)
-        if self.strategy == "cluster_margin" and self._clusters_dir is None:
+        cm = self.strategy == "cluster_margin"
+        if cm and (self._clusters_dir is None or self.config.cm.recluster):
             t1 = time.time()
-            eps, built = self._eps(embed_dir)
-            self._clusters_dir = os.path.join(self.work, "clusters")
-            if built is None:
-                al_product.build_clusters(embed_dir, self._clusters_dir, eps, self.config.num_neighbors or None)
-            stats = al_product.cluster_stats(self._clusters_dir)
-            self.info["clusters"] = {"distance_threshold": eps, "built_on_round": round_index,
-                                     **stats}
+            self._clusters_dir = self._cut_clusters(embed_dir, round_index)
             timings["cluster_s"] = time.time() - t1
         exclude = al_product.write_exclude(pool.example_ids[labeled], os.path.join(round_dir, "labeled.parquet"))
         t2 = time.time()
-        cm = self.strategy == "cluster_margin"
         result = al_product.select_batch(
             embed_dir, self._clusters_dir if cm else None, exclude, os.path.join(round_dir, "selection"), k,
             self.strategy, seed=self.seed * 1000 + round_index,
-            margin_pool_factor=self.config.margin_pool_factor if cm else None)
+            margin_pool_factor=self.config.cm.margin_pool_factor if cm else None)
         timings["select_s"] = time.time() - t2
         self.info.setdefault("product_timings", []).append(timings)
+        diagnostics = result["summary"].get("batch_diagnostics")
+        if diagnostics is not None:
+            self.info.setdefault("batch_diagnostics", []).append(diagnostics)
         ids = result["example_id"]
         return np.array([int(i) for i in ids], dtype=np.int64)
+
+    def _cut_clusters(self, embed_dir: str, round_index: int) -> str:
+        """The hierarchy of this round's embeddings (shared across curves of the seed model)
+        cut at the configured mean cluster size."""
+        import al_product
+
+        cm = self.config.cm
+        shared = round_index == 0  # the seed model's embeddings are shared by every curve of the seed
+        base = os.path.dirname(embed_dir) if shared else os.path.join(self.work, f"round{round_index}")
+        hierarchy = self.data.hierarchy(embed_dir, os.path.join(base, "hierarchy"), cm)
+        out = os.path.join(self.work, f"round{round_index}", "clusters")
+        summary = al_product.recut(hierarchy["dir"], out, cm.target_cluster_size)
+        entry = {"built_on_round": round_index, "max_distance": hierarchy["max_distance"],
+                 "hierarchy_build_s": hierarchy["build_s"], **summary}
+        if round_index == 0 or cm.recluster:
+            self.info.setdefault("clusters_per_round", []).append(entry)
+        self.info.setdefault("clusters", entry)
+        return out
 
     def _check_scores(self, model, embed_dir: str, pool) -> None:
         """cm-embed's margins against the same model's own predict: they must agree."""
@@ -256,116 +428,64 @@ class Selector:
         if err > 1e-3:
             raise RuntimeError(f"cm-embed margins differ from model.predict by up to {err}")
 
-    def _eps(self, embed_dir: str):
-        """(eps, clusters dir already built at eps or None): fixed by the config, read from
-        calibration.json, or calibrated once on this seed model (module docstring)."""
-        import al_product
-
-        if self.config.distance_threshold is not None:
-            return float(self.config.distance_threshold), None
-        calibration = _read_json(self.calibration_path) if os.path.exists(self.calibration_path) else {}
-        entry = calibration.get(self.setting)
-        if entry:
-            return float(entry["distance_threshold"]), None
-        out_dir = os.path.join(self.work, "clusters")
-
-        def mean_size(eps: float) -> dict:
-            return al_product.build_clusters(embed_dir, out_dir, eps, self.config.num_neighbors or None)
-
-        eps, trials = calibrate_eps(mean_size, *self.config.cluster_size_tolerance)
-        lo_size, hi_size = self.config.cluster_size_tolerance
-        calibration[self.setting] = {"distance_threshold": eps, "mean_cluster_size": trials[-1]["mean_cluster_size"],
-                                     "calibrated_on_seed": self.seed, "trials": trials,
-                                     "rule": f"mean cluster size in [{lo_size:g}, {hi_size:g}] on the seed model's pool embeddings"}
-        _write_json(self.calibration_path, calibration)
-        return eps, out_dir  # the last trial's clusters are the ones at eps
-
-
-def calibrate_eps(cluster_stats, lo_size: float, hi_size: float, start: float = 0.006, max_trials: int = 12):
-    """eps whose mean cluster size is in [lo_size, hi_size], and the trials that found it.
-
-    `cluster_stats(eps)` runs the clustering and returns a dict with `mean_cluster_size`
-    and `num_clusters`. Mean cluster size grows monotonically (and steeply, roughly as
-    a power of eps) with eps, so each next eps is the log-log secant towards the
-    band's geometric centre through the last two trials, kept strictly inside the
-    bracket found so far (geometric bisection when the secant would leave it); before
-    a second trial exists, eps doubles or halves. The last trial is at the returned eps.
-    """
-    target = float(np.sqrt(lo_size * hi_size))
-    lo = hi = None  # largest eps below the band, smallest above it
-    eps = start
-    trials = []
-    for _ in range(max_trials):
-        stats = cluster_stats(eps)
-        size = float(stats["mean_cluster_size"])
-        trials.append({"distance_threshold": eps, "mean_cluster_size": size, "num_clusters": int(stats["num_clusters"])})
-        _LOG.info("eps calibration: eps=%.6f mean cluster size %.2f", eps, size)
-        if lo_size <= size <= hi_size:
-            return eps, trials
-        if size < lo_size:
-            lo = eps if lo is None else max(lo, eps)
-        else:
-            hi = eps if hi is None else min(hi, eps)
-        nxt = None
-        if len(trials) >= 2:
-            (e0, s0), (e1, s1) = [(t["distance_threshold"], t["mean_cluster_size"]) for t in trials[-2:]]
-            if s0 > 0 and s1 > 0 and s0 != s1 and e0 != e1:
-                slope = (np.log(s1) - np.log(s0)) / (np.log(e1) - np.log(e0))
-                if slope > 0:
-                    nxt = float(np.exp(np.log(e1) + (np.log(target) - np.log(s1)) / slope))
-        if nxt is None:
-            nxt = eps * 2 if hi is None else (eps / 2 if lo is None else float(np.sqrt(lo * hi)))
-        if (lo is not None and nxt <= lo) or (hi is not None and nxt >= hi):
-            nxt = float(np.sqrt(lo * hi)) if lo is not None and hi is not None else (eps * 2 if hi is None else eps / 2)
-        eps = nxt
-    raise RuntimeError(f"eps calibration did not reach a mean cluster size in [{lo_size}, {hi_size}]: {trials}")
-
 
 # ----------------------------------------------------------------------------- one curve
-def run_curve(setting: str, strategy: str, seed: int, data: Data, config: Config, results_dir: str, work_dir: str,
-              command: str, keep_batches: bool = True) -> dict:
-    """Runs one AL curve to the budget and writes its JSON; returns the record."""
+def run_curve(setting_name: str, strategy: str, seed: int, data: Data, config: Config, out_dir: str, work_dir: str,
+              command: str, keep_batches: bool = True, label: Optional[str] = None) -> dict:
+    """Runs one AL curve to the budget and writes its JSON to `out_dir`; returns the record.
+
+    `label` names the curve file in place of the strategy (the settings study runs
+    several cluster_margin configurations side by side)."""
     import al_model
 
-    pool = data.pool(setting)
-    work = os.path.join(work_dir, f"{setting}__{strategy}__seed{seed}-{config.key()}")
+    setting = data.setting(setting_name)
+    label = label or strategy
+    pool = data.pool(setting_name)
+    key = config.curve_key(setting, strategy, data.pool_npz)
+    work = os.path.join(work_dir, f"{setting_name}__{label}__seed{seed}-{key}")
     os.makedirs(work, exist_ok=True)
-    calibration_path = os.path.join(results_dir, "label_efficiency", f"calibration-{config.key()}.json")
-    selector = Selector(strategy, setting, seed, data, config, work, calibration_path)
+    selector = Selector(strategy, setting_name, seed, data, config, work)
     labeled = np.zeros(pool.size, dtype=bool)
-    seed_set = np.sort(np.random.default_rng([seed, 0]).choice(pool.size, config.seed_size, replace=False))
+    seed_set = np.sort(np.random.default_rng([seed, 0]).choice(pool.size, setting.seed_size, replace=False))
     labeled[seed_set] = True
     labels, accuracies, batches, round_seconds = [], [], [], []
     start = time.time()
-    for r in range(config.rounds + 1):
+    for r in range(setting.rounds + 1):
         t0 = time.time()
         idx = np.flatnonzero(labeled)
         # Same training seed for every strategy at a (seed, round): differences come from the labels only.
-        model = al_model.train_cnn(pool.images[idx], pool.labels[idx], config.cnn, seed=seed * 1000 + r)
+        if r == 0:
+            model = data.seed_model(setting_name, seed, idx)
+        else:
+            model = al_model.train_cnn(pool.images[idx], pool.labels[idx], config.cnn, seed=seed * 1000 + r)
         acc = al_model.accuracy(model, data.test_x, data.test_y)
         labels.append(int(idx.size))
         accuracies.append(acc)
-        _LOG.info("%s/%s/seed%d round %d: %d labels, test accuracy %.4f", setting, strategy, seed, r, idx.size, acc)
-        if r < config.rounds:
-            batch = selector.select(model, labeled, r, config.batch_size)
-            _verify_batch(batch, labeled, config.batch_size, f"{setting}/{strategy}/seed{seed} round {r}")
+        _LOG.info("%s/%s/seed%d round %d: %d labels, test accuracy %.4f", setting_name, label, seed, r, idx.size, acc)
+        if r < setting.rounds:
+            batch = selector.select(model, labeled, r, setting.batch_size)
+            _verify_batch(batch, labeled, setting.batch_size, f"{setting_name}/{label}/seed{seed} round {r}")
             batches.append(batch.tolist())
             labeled[batch] = True
         round_seconds.append(time.time() - t0)
     batch_base = [[int(pool.base_index[i]) for i in b] for b in batches]
     record = {
-        "setting": setting, "strategy": strategy, "seed": seed, "config_key": config.key(),
-        "config": dataclasses.asdict(config), "command": command,
+        "setting": setting_name, "strategy": strategy, "label": label, "seed": seed, "curve_key": key,
+        "config": {"pool_size": pool.size, "seed_size": setting.seed_size, "batch_size": setting.batch_size,
+                   "rounds": setting.rounds, "test_size": int(data.test_y.size),
+                   "setting": dataclasses.asdict(setting), "cnn": dataclasses.asdict(config.cnn),
+                   "cluster_margin": dataclasses.asdict(config.cm) if strategy == "cluster_margin" else None},
+        "command": command,
         "labels": labels, "accuracy": accuracies,
         "seed_set": seed_set.tolist(),
         "batches": batches if keep_batches else None,
-        # For the redundant pool: how many distinct source images each batch holds.
+        # How many distinct source images each batch holds (near-copies share a source).
         "distinct_sources_per_batch": [len(set(b)) for b in batch_base],
         "round_seconds": round_seconds, "seconds": time.time() - start,
         "selector": selector.info,
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json(curve_path(results_dir, setting, strategy, seed), record)
+    _write_json(os.path.join(out_dir, f"{setting_name}__{label}__seed{seed}.json"), record)
     return record
 
 
@@ -379,16 +499,20 @@ def _verify_batch(batch: np.ndarray, labeled: np.ndarray, k: int, what: str) -> 
 
 
 # ----------------------------------------------------------------------------- report
-def load_curves(results_dir: str, config: Config) -> List[dict]:
+def load_curves(results_dir: str, config: Config, settings: Sequence[str], strategies: Sequence[str],
+                seeds: Sequence[int], pool_npz: Optional[str] = None) -> List[dict]:
+    """The completed curves of the expected (setting, strategy, seed) under `config`."""
     out = []
-    directory = curves_dir(results_dir)
-    if not os.path.isdir(directory):
-        return out
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".json"):
-            record = _read_json(os.path.join(directory, name))
-            if record.get("config_key") == config.key():
-                out.append(record)
+    for name in settings:
+        setting = config.setting(name, pool_npz)
+        for strategy in strategies:
+            key = config.curve_key(setting, strategy, pool_npz)
+            for seed in seeds:
+                path = curve_path(results_dir, name, strategy, seed)
+                if os.path.exists(path):
+                    record = _read_json(path)
+                    if curve_matches(record, key, strategy, config):
+                        out.append(record)
     return out
 
 
@@ -402,34 +526,6 @@ def labels_to_reach(labels: Sequence[float], acc: Sequence[float], target: float
             return float(l0 + (target - a0) / (a1 - a0) * (l1 - l0))
     return None
 
-
-def aggregate(curves: List[dict], settings: Sequence[str], strategies: Sequence[str], config: Config, command: str):
-    """The issue's JSON: per setting, per strategy mean and standard error over completed seeds."""
-    out = {"command": command, "settings": []}
-    details = {"config_key": config.key(), "config": dataclasses.asdict(config), "settings": []}
-    for setting in settings:
-        mine = [c for c in curves if c["setting"] == setting]
-        entry = {"name": setting, "batch_size": config.batch_size, "seed_size": config.seed_size,
-                 "seeds": sorted({c["seed"] for c in mine}), "curves": {}}
-        detail = {"name": setting, "curves": {}}
-        for strategy in strategies:
-            runs = sorted((c for c in mine if c["strategy"] == strategy), key=lambda c: c["seed"])
-            if not runs:
-                continue
-            acc = np.array([r["accuracy"] for r in runs])
-            n = acc.shape[0]
-            sem = (acc.std(axis=0, ddof=1) / np.sqrt(n)).tolist() if n > 1 else [None] * acc.shape[1]
-            entry["curves"][strategy] = {"labels": runs[0]["labels"], "accuracy_mean": acc.mean(axis=0).tolist(),
-                                         "accuracy_sem": sem}
-            detail["curves"][strategy] = {
-                "seeds": [r["seed"] for r in runs], "accuracy_per_seed": acc.tolist(),
-                "distinct_sources_per_batch": [r["distinct_sources_per_batch"] for r in runs],
-                "minutes_per_curve": [round(r["seconds"] / 60, 2) for r in runs],
-                "selector": [r["selector"] for r in runs],
-            }
-        out["settings"].append(entry)
-        details["settings"].append(detail)
-    return out, details
 
 
 def savings_at_margin_final(curves: Dict[str, dict]) -> Optional[dict]:
@@ -451,6 +547,55 @@ def savings_at_margin_final(curves: Dict[str, dict]) -> Optional[dict]:
         elif b is not None:
             result[f"lost_vs_{other}_at_least"] = budget - b
     return result
+
+
+def aggregate(curves: List[dict], settings: Sequence[str], strategies: Sequence[str], config: Config, command: str,
+              pool_npz: Optional[str] = None):
+    """Per setting, per strategy: mean and standard error over completed seeds; the
+    details (per seed) and how Cluster-Margin compares at every budget point."""
+    out = {"command": command, "settings": []}
+    details = {"config": dataclasses.asdict(config), "settings": []}
+    for name in settings:
+        setting = config.setting(name, pool_npz)
+        mine = [c for c in curves if c["setting"] == name]
+        entry = {"name": name, "batch_size": setting.batch_size, "seed_size": setting.seed_size,
+                 "seeds": sorted({c["seed"] for c in mine}), "curves": {}}
+        detail = {"name": name, "setting": dataclasses.asdict(setting), "curves": {}}
+        for strategy in strategies:
+            runs = sorted((c for c in mine if c["strategy"] == strategy), key=lambda c: c["seed"])
+            if not runs:
+                continue
+            acc = np.array([r["accuracy"] for r in runs])
+            n = acc.shape[0]
+            sem = (acc.std(axis=0, ddof=1) / np.sqrt(n)).tolist() if n > 1 else [None] * acc.shape[1]
+            entry["curves"][strategy] = {"labels": runs[0]["labels"], "accuracy_mean": acc.mean(axis=0).tolist(),
+                                         "accuracy_sem": sem}
+            detail["curves"][strategy] = {
+                "seeds": [r["seed"] for r in runs], "accuracy_per_seed": acc.tolist(),
+                "distinct_sources_per_batch": [r["distinct_sources_per_batch"] for r in runs],
+                "minutes_per_curve": [round(r["seconds"] / 60, 2) for r in runs],
+                "selector": [r["selector"] for r in runs],
+            }
+        detail["cluster_margin_vs"] = compare_at_budgets(entry["curves"])
+        detail["savings_at_margin_final_accuracy"] = savings_at_margin_final(entry["curves"])
+        out["settings"].append(entry)
+        details["settings"].append(detail)
+    return out, details
+
+
+def compare_at_budgets(curves: Dict[str, dict]) -> Optional[dict]:
+    """Cluster-Margin's mean accuracy minus Margin's and Random's at every budget point."""
+    if "cluster_margin" not in curves:
+        return None
+    cm = np.array(curves["cluster_margin"]["accuracy_mean"])
+    out = {"labels": curves["cluster_margin"]["labels"]}
+    for other in ("margin", "random"):
+        if other in curves:
+            diff = cm - np.array(curves[other]["accuracy_mean"])
+            out[f"minus_{other}"] = diff.tolist()
+            # The seed-set point is shared by construction; the claim is about the rest.
+            out[f"at_or_above_{other}_after_seed_set"] = bool(np.all(diff[1:] >= 0))
+    return out
 
 
 def plot(setting_entry: dict, path: str, complete_note: str) -> None:
@@ -480,106 +625,6 @@ def plot(setting_entry: dict, path: str, complete_note: str) -> None:
 def _fmt_labels(value: Optional[float], budget: int) -> str:
     return f"> {budget:,}" if value is None else f"{int(round(value)):,}"
 
-
-def readme_section(result: dict, details: dict, config: Config, targets: Sequence[float], expected_seeds: Sequence[int],
-                   strategies: Sequence[str], plot_paths: Dict[str, str]) -> str:
-    c = config
-    lines = [
-        "## Label efficiency on Fashion-MNIST",
-        "",
-        "An active-learning simulation (`benchmarks/label_efficiency.py`): a random seed set of "
-        f"{c.seed_size:,} labels, then {c.rounds} batches of {c.batch_size:,}; after each, a small CNN "
-        f"(2 conv + {c.cnn.embedding_dim}-d dense) is trained from scratch for {c.cnn.epochs} epochs on all labels so "
-        f"far and scored on {c.test_size:,} Fashion-MNIST test images. `margin` and `cluster_margin` select through the product's own "
-        "`cm-embed` (every round), `cm-cluster` (once per run, on the seed model's embeddings) and `cm-select` "
-        f"(the labeled set as `--exclude`; Cluster-Margin with k_m = {c.margin_pool_factor:g} k_t and eps set once "
-        f"per setting so that the mean cluster size is in [{c.cluster_size_tolerance[0]:g}, {c.cluster_size_tolerance[1]:g}]). "
-        "`random`, `coreset` (k-center greedy on the embeddings) and `badge` (k-means++ seeding on last-layer "
-        f"gradient embeddings) are in-memory baselines in `benchmarks/al_baselines.py`. Settings: `plain` = {c.pool_size:,} "
-        f"Fashion-MNIST training images; `redundant` = {c.pool_size // c.redundant_copies:,} training images, each as "
-        f"{c.redundant_copies} near-duplicates (shift up to {c.max_shift} px, pixel noise sd {c.noise_std:g}).",
-        "",
-        f"Command: `{result['command']}` (2 shared CPU cores; each curve under `flock /tmp/cm-bench.lock`). "
-        "Data: `benchmarks/results/label_efficiency.json`; per-seed curves, cluster statistics and timings: "
-        "`benchmarks/results/label_efficiency_details.json`. A rerun of the command resumes: finished curves "
-        "(`benchmarks/results/label_efficiency/curves/`) are skipped; `--report_only` rewrites the JSON, the plots "
-        "and this section from them. `--quick` runs the whole loop on a tiny budget in about a minute "
-        "(`tests/test_label_efficiency_quick.py`).",
-        "",
-    ]
-    for entry, detail in zip(result["settings"], details["settings"]):
-        name = entry["name"]
-        budget = c.seed_size + c.rounds * c.batch_size
-        done = {s: detail["curves"].get(s, {}).get("seeds", []) for s in strategies}
-        lines.append(f"### `{name}` pool")
-        lines.append("")
-        lines.append("Completed curves (seeds): " + ", ".join(
-            f"{s} {len(done[s])}/{len(expected_seeds)}" for s in strategies) + ".")
-        lines.append("")
-        if not entry["curves"]:
-            lines += ["No curve of this setting completed yet.", ""]
-            continue
-        header = "| strategy | seeds | " + " | ".join(f"labels to {t:.0%}" for t in targets) + f" | accuracy at {budget:,} |"
-        lines += [header, "|" + "---|" * (len(targets) + 3)]
-        for s, curve in entry["curves"].items():
-            cells = [_fmt_labels(labels_to_reach(curve["labels"], curve["accuracy_mean"], t), budget) for t in targets]
-            sem = curve["accuracy_sem"][-1]
-            final = f"{curve['accuracy_mean'][-1]:.4f}" + (f" ± {sem:.4f}" if sem is not None else "")
-            lines.append(f"| {s} | {len(done[s])} | " + " | ".join(cells) + f" | {final} |")
-        lines.append("")
-        cm_info = [sel.get("clusters") for sel in detail["curves"].get("cluster_margin", {}).get("selector", [])]
-        cm_info = [x for x in cm_info if x]
-        if cm_info:
-            lines.append("Clusters (cm-cluster on each seed model's pool embeddings): " + "; ".join(
-                f"eps {x['distance_threshold']:.4f}, {x['num_clusters']:,} clusters, mean size {x['mean_cluster_size']:.2f}, "
-                f"largest {x['max_cluster_size']:,}, {x['singletons']:,} singletons" for x in cm_info) + ".")
-            lines.append("")
-        drops = [(max(0.0, max(a - b for a, b in zip(acc[:-1], acc[1:]))), s)
-                 for s, d in detail["curves"].items() for acc in d["accuracy_per_seed"]]
-        if drops and min(len(d["seeds"]) for d in detail["curves"].values()) < 2:
-            worst = max(drops)
-            lines.append(f"Noise: a curve with one seed has no error band; the largest accuracy drop between two consecutive "
-                         f"rounds of a single curve here is {worst[0]:.4f} ({worst[1]}), a measure of how noisy one training run is.")
-            lines.append("")
-        if name == "redundant" and detail["curves"]:
-            distinct = {s: float(np.mean(d["distinct_sources_per_batch"])) for s, d in detail["curves"].items()
-                        if d.get("distinct_sources_per_batch")}
-            lines.append(f"Distinct source images per batch of {c.batch_size:,} (mean over rounds and seeds; "
-                         f"each source has {c.redundant_copies} near-copies in the pool): "
-                         + ", ".join(f"{s} {v:,.0f}" for s, v in distinct.items()) + ".")
-            lines.append("")
-        diag = details.get("cluster_diagnostics") or {}
-        cm, m = diag.get(f"{name}/cluster_margin"), diag.get(f"{name}/margin")
-        if cm and m:
-            text = (f"What Cluster-Margin picked (`benchmarks/cluster_margin_diagnostics.py`, "
-                    f"`label_efficiency/cluster_diagnostics.json`, {cm['curves']} curve(s)): with k_m = "
-                    f"{c.margin_pool_factor:g} k_t = {c.margin_pool_factor * c.batch_size:,.0f} the margin pool is "
-                    f"{c.margin_pool_factor * c.batch_size / c.pool_size:.0%} of the pool, and the round robin spreads the "
-                    f"batch over all of it: the median uncertainty rank of its picks among the unlabeled pool is "
-                    f"{cm['median_uncertainty_rank']:,.0f} (Margin's {m['median_uncertainty_rank']:,.0f}), only "
-                    f"{cm['share_in_top_k_t']:.0%} of them are among the {c.batch_size:,} most uncertain, and "
-                    f"{cm['share_from_singleton_clusters']:.0%} come from singleton clusters. The clusters at the "
-                    f"calibrated eps are lopsided: {cm['share_in_size_over_100']:.0%} of the pool sits in clusters of "
-                    f"more than 100 points")
-            if "mean_clusters_per_source" in cm:
-                text += (f"; the {c.redundant_copies} near-copies of a source image are spread over "
-                         f"{cm['mean_clusters_per_source']:.1f} clusters on average and all share one cluster for only "
-                         f"{cm['share_sources_in_one_cluster']:.1%} of the sources, so one pick per cluster does not "
-                         "keep copies out of a batch")
-            lines.append(text + ".")
-            lines.append("")
-        saving = savings_at_margin_final(entry["curves"])
-        if saving:
-            lines.append(_saving_sentence(saving, budget, entry["curves"]))
-            lines.append("")
-        if name in plot_paths:
-            lines.append(f"![{name}]({plot_paths[name]})")
-            lines.append("")
-    lines.append("Labels to reach an accuracy: where the mean curve first reaches it, interpolated linearly between the "
-                 f"measured points (every {c.batch_size:,} labels, so a rough reading); "
-                 f"`> {c.seed_size + c.rounds * c.batch_size:,}` = not reached within the budget. "
-                 "± is the standard error over seeds.")
-    return "\n".join(lines) + "\n"
 
 
 def _saving_sentence(saving: dict, budget: int, curves: Dict[str, dict]) -> str:
@@ -621,20 +666,74 @@ def update_readme(readme_path: str, section: str) -> None:
         f.write(new)
 
 
+def readme_section(result: dict, details: dict, config: Config, targets: Sequence[float], expected_seeds: Sequence[int],
+                   strategies: Sequence[str], plot_paths: Dict[str, str]) -> str:
+    cm = config.cm
+    lines = [
+        "## Label efficiency on Fashion-MNIST",
+        "",
+        "An active-learning simulation (`benchmarks/label_efficiency.py`): a random seed set of labels, then "
+        "batches chosen by each strategy; after each, a small CNN "
+        f"(2 conv + {config.cnn.embedding_dim}-d dense) is trained from scratch for {config.cnn.epochs} epochs on all "
+        f"labels so far and scored on {config.test_size:,} Fashion-MNIST test images. `margin` and `cluster_margin` "
+        "select through the product's own `cm-embed` (every round), `cm-cluster` (the hierarchy of the seed model's "
+        "embeddings, cut with `--recut_from`) and `cm-select` (the labeled set as `--exclude`); Cluster-Margin with "
+        f"k_m = {cm.margin_pool_factor:g} k_t and clusters cut at a mean size of {cm.target_cluster_size:g}"
+        + (", re-clustered on every round's model" if cm.recluster else "")
+        + " (the settings `benchmarks/cm_settings_study.py` chose on separate calibration pools). "
+        "`random`, `coreset` (k-center greedy on the embeddings) and `badge` (k-means++ seeding on last-layer "
+        "gradient embeddings) are in-memory baselines in `benchmarks/al_baselines.py`.",
+        "",
+        f"Command: `{result['command']}` (2 shared CPU cores; each curve under `flock /tmp/cm-bench.lock`). "
+        "Data: `benchmarks/results/label_efficiency.json`; per-seed curves, cluster statistics and timings: "
+        "`benchmarks/results/label_efficiency_details.json`. A rerun of the command resumes: finished curves "
+        "(`benchmarks/results/label_efficiency/curves/`) are skipped; `--report_only` rewrites the JSON, the plots "
+        "and this section from them.",
+        "",
+    ]
+    for entry, detail in zip(result["settings"], details["settings"]):
+        name = entry["name"]
+        spec = detail["setting"]
+        budget = spec["seed_size"] + spec["rounds"] * spec["batch_size"]
+        done = {s: detail["curves"].get(s, {}).get("seeds", []) for s in strategies}
+        pool = spec["pool"]
+        lines.append(f"### `{name}`: {pool['kind']} pool, batches of {spec['batch_size']:,}")
+        lines.append("")
+        lines.append("Completed curves (seeds): " + ", ".join(
+            f"{s} {len(done[s])}/{len(expected_seeds)}" for s in strategies) + ".")
+        lines.append("")
+        if not entry["curves"]:
+            lines += ["No curve of this setting completed yet.", ""]
+            continue
+        labels = next(iter(entry["curves"].values()))["labels"]
+        lines += ["| strategy | seeds | " + " | ".join(f"acc. at {x:,}" for x in labels) + " |",
+                  "|" + "---|" * (len(labels) + 2)]
+        for s, curve in entry["curves"].items():
+            cells = [f"{a:.4f}" for a in curve["accuracy_mean"]]
+            lines.append(f"| {s} | {len(done[s])} | " + " | ".join(cells) + " |")
+        lines.append("")
+        saving = detail.get("savings_at_margin_final_accuracy")
+        if saving:
+            lines.append(_saving_sentence(saving, budget, entry["curves"]))
+            lines.append("")
+        if name in plot_paths:
+            lines.append(f"![{name}]({plot_paths[name]})")
+            lines.append("")
+    lines.append("Labels to reach an accuracy: where the mean curve first reaches it, interpolated linearly between the "
+                 "measured points (a rough reading); `> budget` = not reached within the budget.")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results_dir: str, config: Config, settings, strategies, seeds, targets, command: str,
-                 readme_path: Optional[str]) -> dict:
-    curves = load_curves(results_dir, config)
+                 readme_path: Optional[str], pool_npz: Optional[str] = None) -> dict:
+    curves = load_curves(results_dir, config, settings, strategies, seeds, pool_npz)
     commands = sorted({c["command"] for c in curves})
-    result, details = aggregate(curves, settings, strategies, config, commands[0] if len(commands) == 1 else (commands or [command])[0])
+    result, details = aggregate(curves, settings, strategies, config,
+                                commands[0] if len(commands) == 1 else (commands or [command])[0], pool_npz)
     details["commands"] = commands
     details["report_command"] = command
     details["expected"] = {"settings": list(settings), "strategies": list(strategies), "seeds": list(seeds)}
     details["complete"] = sorted(f"{c['setting']}/{c['strategy']}/seed{c['seed']}" for c in curves)
-    details["savings_at_margin_final_accuracy"] = {e["name"]: savings_at_margin_final(e["curves"]) for e in result["settings"]}
-    calibration = os.path.join(results_dir, "label_efficiency", f"calibration-{config.key()}.json")
-    details["eps_calibration"] = _read_json(calibration) if os.path.exists(calibration) else None
-    diagnostics = os.path.join(results_dir, "label_efficiency", "cluster_diagnostics.json")
-    details["cluster_diagnostics"] = _read_json(diagnostics)["summary"] if os.path.exists(diagnostics) else None
     os.makedirs(results_dir, exist_ok=True)
     _write_json(os.path.join(results_dir, "label_efficiency.json"), result)
     _write_json(os.path.join(results_dir, "label_efficiency_details.json"), details)
@@ -671,11 +770,23 @@ def schedule(settings: Sequence[str], strategies: Sequence[str], seeds: Sequence
     return order
 
 
+def _split(text: str, allowed: Sequence[str], flag: str, p: argparse.ArgumentParser) -> List[str]:
+    values = [v for v in text.split(",") if v]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        p.error(f"{flag}: unknown {bad}; choose from {','.join(allowed)}")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="Tiny budget (minutes): for the end-to-end test.")
     p.add_argument("--report_only", "--report-only", action="store_true", help="Rewrite JSON/plots/README from completed curves.")
-    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--settings", default=None,
+                   help=f"Comma-separated settings (default: {','.join(EVALUATION_SETTINGS)}; with --pool_npz: npz).")
+    p.add_argument("--pool_npz", default=None,
+                   help="A pool of your own (.npz with images uint8 [n,28,28], labels [n], optional source [n], "
+                        "test_images, test_labels): runs the setting 'npz' on it.")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--seeds", default=None, help="Comma-separated AL seeds (default 0,1,2; quick: 0).")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -687,12 +798,13 @@ def parse_args(argv=None):
                    help="Continue with the next curve when one fails (default: true, false in --quick).")
     p.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS))
     args = p.parse_args(argv)
-    for name, allowed in (("settings", SETTINGS), ("strategies", STRATEGIES)):
-        values = [v for v in getattr(args, name).split(",") if v]
-        bad = [v for v in values if v not in allowed]
-        if bad or not values:
-            p.error(f"--{name}: unknown {bad}; choose from {','.join(allowed)}")
-        setattr(args, name, values)
+    if args.pool_npz and not os.path.isfile(args.pool_npz):
+        p.error(f"--pool_npz: no such file {args.pool_npz!r}")
+    default_settings = NPZ_SETTING if args.pool_npz else ",".join(EVALUATION_SETTINGS)
+    args.settings = _split(args.settings or default_settings, list(SETTINGS) + [NPZ_SETTING], "--settings", p)
+    if NPZ_SETTING in args.settings and not args.pool_npz:
+        p.error("--settings npz needs --pool_npz")
+    args.strategies = _split(args.strategies, STRATEGIES, "--strategies", p)
     args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s != ""]
     args.targets = [float(t) for t in args.targets.split(",") if t]
     if args.lock is None:
@@ -700,10 +812,42 @@ def parse_args(argv=None):
     if args.keep_going is None:
         args.keep_going = not args.quick
     if args.readme is None:
-        # Only an explicit report rewrites README.md: a background run must not race
+        # Only an explicit report rewrites the README: a background run must not race
         # with the other engineers' edits of the file.
         args.readme = os.path.join(ROOT, "README.md") if args.report_only and not args.quick else ""
     return args
+
+
+def run_curves(todo, data_factory, out_dir: str, work_dir: str, command: str, lock: str,
+               keep_going: bool, failed_path: str, after_each=None):
+    """Runs each (seed, setting, strategy, label, config) of `todo` whose curve is not yet
+    in `out_dir`; returns (ran, failed). `data_factory()` is called once, when needed."""
+    data = None
+    ran, failed = [], []
+    for seed, setting, strategy, label, config in todo:
+        path = os.path.join(out_dir, f"{setting}__{label}__seed{seed}.json")
+        if data is None:
+            data = data_factory()
+        key = config.curve_key(data.setting(setting), strategy, data.pool_npz)
+        if os.path.exists(path) and curve_matches(_read_json(path), key, strategy, config):
+            continue
+        name = f"{setting}/{label}/seed{seed}"
+        with bench_lock(lock) as waited:
+            _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
+            try:
+                record = run_curve(setting, strategy, seed, data, config, out_dir, work_dir, command, label=label)
+            except Exception as e:  # noqa: BLE001 - one broken curve must not stop the others
+                if not keep_going:
+                    raise
+                _LOG.exception("curve %s failed; continuing with the next", name)
+                failed.append({"curve": name, "error": f"{type(e).__name__}: {e}"})
+                _write_json(failed_path, failed)
+                continue
+        ran.append(name)
+        _LOG.info("curve %s done in %.1f min: %s", name, record["seconds"] / 60, record["accuracy"])
+        if after_each:
+            after_each()
+    return ran, failed
 
 
 def run(argv=None) -> dict:
@@ -711,33 +855,16 @@ def run(argv=None) -> dict:
     config = QUICK if args.quick else FULL
     command = " ".join(["python", "benchmarks/label_efficiency.py"] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
     report_kwargs = dict(results_dir=args.results_dir, config=config, settings=args.settings, strategies=args.strategies,
-                         seeds=args.seeds, targets=args.targets, readme_path=args.readme or None)
+                         seeds=args.seeds, targets=args.targets, readme_path=args.readme or None, pool_npz=args.pool_npz)
     if args.report_only:
         return write_report(command=command, **report_kwargs)
-    data = None
-    ran, failed = [], []
-    for seed, setting, strategy in schedule(args.settings, args.strategies, args.seeds):
-        if os.path.exists(curve_path(args.results_dir, setting, strategy, seed)):
-            done = _read_json(curve_path(args.results_dir, setting, strategy, seed))
-            if done.get("config_key") == config.key():
-                continue
-        name = f"{setting}/{strategy}/seed{seed}"
-        with bench_lock(args.lock) as waited:
-            if data is None:
-                data = Data(config, args.data_dir, args.work_dir)
-            _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
-            try:
-                record = run_curve(setting, strategy, seed, data, config, args.results_dir, args.work_dir, command)
-            except Exception as e:  # noqa: BLE001 - one broken curve must not stop the others
-                if not args.keep_going:
-                    raise
-                _LOG.exception("curve %s failed; continuing with the next", name)
-                failed.append({"curve": name, "error": f"{type(e).__name__}: {e}"})
-                _write_json(os.path.join(args.results_dir, "label_efficiency", "failed.json"), failed)
-                continue
-        ran.append(name)
-        _LOG.info("curve %s done in %.1f min: %s", ran[-1], record["seconds"] / 60, record["accuracy"])
-        write_report(command=command, **report_kwargs)
+    todo = [(seed, setting, strategy, strategy, config) for seed, setting, strategy in
+            schedule(args.settings, args.strategies, args.seeds)]
+    ran, failed = run_curves(
+        todo, lambda: Data(config, args.data_dir, args.work_dir, args.pool_npz), curves_dir(args.results_dir),
+        args.work_dir, command, args.lock, args.keep_going,
+        os.path.join(args.results_dir, "label_efficiency", "failed.json"),
+        after_each=lambda: write_report(command=command, **report_kwargs))
     report = write_report(command=command, **report_kwargs)
     report["ran"] = ran
     report["failed"] = failed

@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import al_baselines  # noqa: E402
+import al_data  # noqa: E402
 
 STRATEGIES = ["random", "margin", "cluster_margin", "coreset", "badge"]
 
@@ -140,8 +141,10 @@ def test_quick_product_strategies_used_the_pipelines(quick_run):
         assert cm["selector"]["max_margin_error_vs_predict"] <= 1e-3
         margin = json.load(open(results / "label_efficiency" / "curves" / f"{setting}__margin__seed0.json"))
         # Margin via cm-select = the k smallest cm-embed margins among the unlabeled (numpy reference).
-        run_dir = glob.glob(str(work / f"{setting}__margin__seed0-*"))[0]
-        table = pq.read_table(glob.glob(os.path.join(run_dir, "round0", "embed", "embeddings-*.parquet")))
+        # Round 0 scores come from the seed model's cm-embed output, shared by every strategy of the seed.
+        embed_dir = margin["selector"]["embed_dirs"][0]
+        assert embed_dir.startswith(str(work)) and cm["selector"]["embed_dirs"][0] == embed_dir
+        table = pq.read_table(glob.glob(os.path.join(embed_dir, "embeddings-*.parquet")))
         ids = np.array([int(i) for i in table.column("example_id").to_pylist()])
         scores = table.column("margin").to_numpy()
         eligible = ~np.isin(ids, margin["seed_set"])
@@ -154,19 +157,56 @@ def test_quick_product_strategies_used_the_pipelines(quick_run):
         assert all(scores[ids == i][0] <= kth for i in chosen)
 
 
-def test_eps_calibration_brackets_then_bisects_to_the_band():
+def test_calibration_and_heldout_pools_share_no_source_image():
     import label_efficiency as le
 
-    calls = []
+    train_x, train_y, _, _ = al_data.load_fashion_mnist()
+    sources = {}
+    for name in ("redundant_cal", "zipf_cal", "redundant_heldout", "zipf_heldout"):
+        setting = le.SETTINGS[name]
+        pool = al_data.build_pool(name, setting.pool, train_x, train_y)
+        lo, hi = setting.pool.source_range
+        assert lo <= pool.base_index.min() and pool.base_index.max() < hi
+        assert np.array_equal(pool.labels, train_y[pool.base_index])
+        sources[name] = set(pool.base_index.tolist())
+        if setting.pool.kind == "zipf":
+            _, counts = np.unique(pool.base_index, return_counts=True)
+            assert counts.size == setting.pool.num_sources and counts.max() <= setting.pool.max_copies
+            assert np.mean(counts <= 2) > 0.5 and counts.max() >= 20  # most once or twice, a few dozens of times
+        else:
+            assert pool.size == setting.pool.num_sources * setting.pool.copies
+    assert le.SETTINGS["redundant_cal"].role == le.SETTINGS["zipf_cal"].role == "calibration"
+    for cal in ("redundant_cal", "zipf_cal"):
+        for held in ("redundant_heldout", "zipf_heldout"):
+            assert not sources[cal] & sources[held]
 
-    def fake_cluster_stats(eps):  # mean size grows steeply with eps, like HAC's
-        calls.append(eps)
-        size = 1.0 + (eps / 0.004) ** 1.6
-        return {"mean_cluster_size": size, "num_clusters": int(60000 / size)}
 
-    eps, trials = le.calibrate_eps(fake_cluster_stats, 8.0, 12.5)
-    assert 8.0 <= fake_cluster_stats(eps)["mean_cluster_size"] <= 12.5
-    assert trials[-1]["distance_threshold"] == eps == calls[-2]
-    assert len(trials) <= 6
-    with pytest.raises(RuntimeError):
-        le.calibrate_eps(lambda eps: {"mean_cluster_size": 1.0, "num_clusters": 1}, 8.0, 12.5, max_trials=5)
+def test_npz_pool_errors_name_the_array(tmp_path):
+    good = dict(images=np.zeros((4, 28, 28), np.uint8), labels=np.array([0, 1, 2, 3]),
+                test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([1, 2]))
+    np.savez(tmp_path / "good.npz", **good)
+    pool, test_x, test_y = al_data.load_npz_pool(str(tmp_path / "good.npz"))
+    assert pool.size == 4 and pool.base_index.tolist() == [0, 1, 2, 3] and test_y.tolist() == [1, 2]
+    for change, word in ((dict(labels=None), "'labels' missing"), (dict(images=np.zeros((4, 28, 28), np.float32)), "'images'"),
+                         (dict(source=np.arange(3)), "'source'"), (dict(test_labels=np.array([1, 12])), "'test_labels'")):
+        bad = {k: v for k, v in {**good, **change}.items() if v is not None}
+        np.savez(tmp_path / "bad.npz", **bad)
+        with pytest.raises(ValueError, match=word):
+            al_data.load_npz_pool(str(tmp_path / "bad.npz"))
+
+
+def test_pool_npz_runs_the_simulation_on_a_users_pool(tmp_path):
+    train_x, train_y, test_x, test_y = al_data.load_fashion_mnist()
+    np.savez(tmp_path / "mine.npz", images=train_x[:600], labels=train_y[:600], source=np.arange(600) // 2,
+             test_images=test_x[:300], test_labels=test_y[:300])
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "label_efficiency.py"), "--quick", "--pool_npz",
+           str(tmp_path / "mine.npz"), "--strategies", "random", "--results_dir", str(tmp_path / "r"),
+           "--work_dir", str(tmp_path / "w")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.load(open(tmp_path / "r" / "label_efficiency.json"))
+    assert [s["name"] for s in out["settings"]] == ["npz"]
+    rec = json.load(open(tmp_path / "r" / "label_efficiency" / "curves" / "npz__random__seed0.json"))
+    assert rec["config"]["pool_size"] == 600 and rec["config"]["test_size"] == 300
+    # Distinct sources per batch are counted from the npz's `source` (pairs of rows).
+    assert all(50 <= d <= 100 for d in rec["distinct_sources_per_batch"])
