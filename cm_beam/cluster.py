@@ -1,4 +1,5 @@
-"""BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance.
+"""BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance, a target
+mean cluster size or a number of clusters.
 
 The Cluster-Margin clustering step (DESIGN.md section 3) as one Beam PTransform, in
 the style of TFDV's stats_api:
@@ -7,7 +8,8 @@ the style of TFDV's stats_api:
         pipeline
         | ReadTableBlocks(files, columns=["example_id", "embedding"])
         | BuildClusters(distance_threshold=0.2, metric="cosine"))
-    clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size
+    clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size, leaf_id
+    clusters["merges"]     # pa.RecordBatch: every merge (hierarchy.MERGES_SCHEMA)
     clusters["rejected"]   # pa.RecordBatch: example_id, reason (NaN/inf, zero vector, ...)
     clusters["summary"]    # one dict: n, clusters, size histogram, rounds, recall, fingerprint
 
@@ -21,7 +23,13 @@ Stages: Validate (per block: ragged embeddings fail naming an example_id; non-fi
 rows and, under cosine, zero vectors go to `rejected`) -> PoolStats (one global
 combine: count, dimension, fingerprint, a bottom-hash sample) -> Plan (k-means on the
 sample: spatial shards and IVF partitions; exact or ivf) -> ShardPoints -> KnnGraph
--> HacRounds -> Join with the example ids.
+-> HacRounds (to max_distance) -> Join with the example ids [-> CutHierarchy, when the cut
+is below max_distance: by target mean size, cluster count, or an eps < max_distance].
+
+The merges (hierarchy_kernels: cluster_a < cluster_b, merged = cluster_a, height, size,
+round) name nodes by public cluster id; each example's `leaf_id` is its singleton cluster
+id, so any cut at eps' <= max_distance is a relabelling of the leaves by the merges with
+height <= eps' (hierarchy.CutHierarchy), without reclustering.
 
 Cluster ids are deterministic: the smallest 63-bit hash of a member's example_id, so
 the same pool gives the same ids whatever the sharding and the number of workers.
@@ -452,12 +460,18 @@ def check_cut_flags(distance_threshold, target_mean_cluster_size, num_clusters, 
 
 
 class BuildClusters(beam.PTransform):
-    """Average-linkage HAC cut at `distance_threshold`, over pa.RecordBatch blocks.
+    """Average-linkage HAC over pa.RecordBatch blocks, run to `max_distance` and cut by one rule.
+
+    Cut: exactly one of `distance_threshold` (max_distance defaults to it), or
+    `target_mean_cluster_size` / `num_clusters` (max_distance required; the achievable
+    cut nearest the target; InputError naming the flag, raised in the pipeline, if even
+    the cut at max_distance is finer than the target).
 
     Input: PCollection[pa.RecordBatch] with `example_id` (string) and `embedding`
     (list of numbers, the same length in every row).
     Output: dict of PCollections
-      "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64),
+      "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64),
+      "merges":   pa.RecordBatch (hierarchy.MERGES_SCHEMA), every merge up to max_distance,
       "rejected": pa.RecordBatch (example_id, reason),
       "summary":  one dict (see the manifest in README: n, clusters, size_histogram,
                   rounds, per-round merges/active clusters, knn_recall, input_fingerprint).

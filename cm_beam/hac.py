@@ -29,6 +29,10 @@ remainder goes to one worker and finishes in memory (`hac_kernels.hac_in_memory`
 the same round semantics). After `max_rounds` Beam
 rounds the remainder must fit that bound, or the job fails naming both flags.
 Spatial shards keep most edges, and so most messages, inside one shard.
+
+Every merge is logged where it happens (Relabel, which holds both sides' state before
+the merge, and the finish) as `hierarchy_kernels.Merges` blocks: the two public labels,
+the exact linkage that made the pair reciprocal nearest, the merged size and the round.
 """
 
 from __future__ import annotations
