@@ -10,6 +10,7 @@ from scipy.spatial.distance import cdist
 
 from cm_beam import artifacts, table_io
 from cm_beam import hierarchy_kernels as hik
+from cm_beam.hierarchy import batch_to_merges
 from cm_beam import knn_kernels as kk
 from cm_beam.errors import InputError
 from pipelines import build_clusters
@@ -26,8 +27,7 @@ def read_merges(out_dir):
     t = table_io.read_table(os.path.join(str(out_dir), "merges-*.parquet"))
     assert [f.name for f in t.schema] == ["cluster_a", "cluster_b", "merged", "height", "size", "round"]
     assert [str(f.type) for f in t.schema][:5] == ["int64", "int64", "int64", "double", "int64"]
-    batch = t.combine_chunks().to_batches()[0] if t.num_rows else None
-    return hik.Merges.empty() if batch is None else __import__("cm_beam.hierarchy").hierarchy.batch_to_merges(batch)
+    return batch_to_merges(t.combine_chunks().to_batches()[0]) if t.num_rows else hik.Merges.empty()
 
 
 def read_leaves(out_dir, ids):
@@ -72,11 +72,13 @@ def test_exact_hierarchy_cuts_equal_scipy_and_the_merge_table_is_consistent(tmp_
         assert abs(merges.height[k] - want) < 1e-6, (k, merges.height[k], want)
         members[int(merges.a[k])] = a + b
     assert all(min(leaves[v]) == key for key, v in members.items())
-    assert (merges.round[:0] >= 0).all() and merges.round.max() >= len(m["beam_rounds"])
+    # Beam rounds' merges first, then the finish's, numbered after them.
+    assert merges.round.min() == 0 and merges.round.max() >= len(m["beam_rounds"])
+    assert set(np.unique(merges.round[merges.round < len(m["beam_rounds"])]).tolist()) == set(
+        range(len(m["beam_rounds"])))
     assert np.array_equal(hik.monotone_heights(merges), merges.height), "exact HAC is monotone"
     np.testing.assert_allclose(np.sort(merges.height), np.sort(z[:, 2][z[:, 2] <= top]), atol=1e-6)
-    assert pos  # leaf ids are unique
-    assert len(pos) == n
+    assert len(pos) == n  # leaf ids are unique
     for eps in cuts:
         ref = fcluster(z, eps, "distance")
         labels, sizes = hik.relabel(leaves, hik.cut_table(merges, merges.height, eps))
