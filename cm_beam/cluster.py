@@ -1,4 +1,5 @@
-"""BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance.
+"""BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance, a target
+mean cluster size or a number of clusters.
 
 The Cluster-Margin clustering step (DESIGN.md section 3) as one Beam PTransform, in
 the style of TFDV's stats_api:
@@ -7,7 +8,8 @@ the style of TFDV's stats_api:
         pipeline
         | ReadTableBlocks(files, columns=["example_id", "embedding"])
         | BuildClusters(distance_threshold=0.2, metric="cosine"))
-    clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size
+    clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size, leaf_id
+    clusters["merges"]     # pa.RecordBatch: every merge (hierarchy.MERGES_SCHEMA)
     clusters["rejected"]   # pa.RecordBatch: example_id, reason (NaN/inf, zero vector, ...)
     clusters["summary"]    # one dict: n, clusters, size histogram, rounds, recall, fingerprint
 
@@ -21,7 +23,13 @@ Stages: Validate (per block: ragged embeddings fail naming an example_id; non-fi
 rows and, under cosine, zero vectors go to `rejected`) -> PoolStats (one global
 combine: count, dimension, fingerprint, a bottom-hash sample) -> Plan (k-means on the
 sample: spatial shards and IVF partitions; exact or ivf) -> ShardPoints -> KnnGraph
--> HacRounds -> Join with the example ids.
+-> HacRounds (to max_distance) -> Join with the example ids [-> CutHierarchy, when the cut
+is below max_distance: by target mean size, cluster count, or an eps < max_distance].
+
+The merges (hierarchy_kernels: cluster_a < cluster_b, merged = cluster_a, height, size,
+round) name nodes by public cluster id; each example's `leaf_id` is its singleton cluster
+id, so any cut at eps' <= max_distance is a relabelling of the leaves by the merges with
+height <= eps' (hierarchy.CutHierarchy), without reclustering.
 
 Cluster ids are deterministic: the smallest 63-bit hash of a member's example_id, so
 the same pool gives the same ids whatever the sharding and the number of workers.
@@ -40,11 +48,14 @@ from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
+from cm_beam import hierarchy_kernels as hik
 from cm_beam.hac import HacRounds
+from cm_beam.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
 from cm_beam.hashing import _splitmix64, hash_ids
 from cm_beam.knn_graph import KnnGraph, _Timer
 
-CLUSTERS_SCHEMA = pa.schema([("example_id", pa.string()), ("cluster_id", pa.int64()), ("cluster_size", pa.int64())])
+# leaf_id: the example's singleton cluster id, which names it in merges-*.parquet.
+CLUSTERS_SCHEMA = CUT_CLUSTERS_SCHEMA
 REJECTED_SCHEMA = pa.schema([("example_id", pa.string()), ("reason", pa.string())])
 
 KNN_MODES = ("auto", "exact", "ivf")
@@ -269,7 +280,8 @@ def _shard_points(block, plan, metric):
             # Raw float32 rows travel; consumers prepare them (knn_kernels.prepared_vectors).
             yield int(s), ("points", {"ids": ids[m], "labels": labels[m], "vecs": block["vecs"][m],
                                       "names": block["names"].take(pa.array(m))})
-            yield beam.pvalue.TaggedOutput("names", (int(s), {"ids": ids[m], "names": block["names"].take(pa.array(m))}))
+            yield beam.pvalue.TaggedOutput("names", (int(s), {"ids": ids[m], "leaves": labels[m],
+                                                              "names": block["names"].take(pa.array(m))}))
         buckets = (block["hashes"] % np.uint64(64)).astype(np.int64)
         for b in unique_sorted(buckets):
             m = np.flatnonzero(buckets == b)
@@ -326,6 +338,7 @@ def _join_names(kv):
     with _Timer("write"):
         ids = np.concatenate([n["ids"] for n in names])
         example_ids = pa.concat_arrays([n["names"] for n in names])
+        leaves = np.concatenate([n["leaves"] for n in names])
         if assigned:
             points = np.concatenate([a["points"] for a in assigned])
             labels = np.concatenate([a["labels"] for a in assigned])
@@ -338,11 +351,25 @@ def _join_names(kv):
         if len(points) != len(ids) or (pos < 0).any():
             raise RuntimeError(f"shard {shard}: {len(ids)} points but {len(points)} cluster assignments")
         yield pa.RecordBatch.from_arrays(
-            [example_ids, pa.array(labels[pos], pa.int64()), pa.array(sizes[pos], pa.int64())], schema=CLUSTERS_SCHEMA)
+            [example_ids, pa.array(labels[pos], pa.int64()), pa.array(sizes[pos], pa.int64()),
+             pa.array(leaves, pa.int64())], schema=CLUSTERS_SCHEMA)
 
 
-def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, params):
+def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, params):
     sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    n = int(plan["n"])
+    if cuts:  # cut below max_distance: the counts are the cut's
+        cut = cuts[0]
+        clusters, largest, histogram = cut["num_clusters"], cut["largest_cluster"], cut["size_histogram"]
+        inversions = cut["inversions"]
+    else:  # cut at max_distance: the clusters the rounds made
+        clusters = int(len(sizes))
+        largest, histogram = (int(sizes.max()) if len(sizes) else 0), hk.size_histogram(sizes)
+        cut = {"rule": "distance", "requested": params["distance_threshold"],
+               "distance_threshold": params["distance_threshold"], "num_clusters": clusters,
+               "mean_cluster_size": n / clusters if clusters else 0.0}
+        inversions = None
+    cut_record = {k: cut[k] for k in ("rule", "requested", "distance_threshold", "num_clusters", "mean_cluster_size")}
     rounds: Dict[str, Dict] = {}
     inmemory: Dict[int, Dict] = {}
     for key, value in stats:
@@ -364,10 +391,17 @@ def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, params):
         "rejected": int(sum(rejected_counts.values())),
         "rejected_by_reason": dict(rejected_counts),
         "dimension": plan["dim"],
-        "clusters": int(len(sizes)),
+        "clusters": int(clusters),
         "clustered_points": int(sizes.sum()),
-        "largest_cluster": int(sizes.max()) if len(sizes) else 0,
-        "size_histogram": hk.size_histogram(sizes),
+        "largest_cluster": int(largest),
+        "size_histogram": histogram,
+        "cut": cut_record,
+        "distance_threshold": cut_record["distance_threshold"],
+        "num_clusters": cut_record["num_clusters"],
+        "mean_cluster_size": cut_record["mean_cluster_size"],
+        "max_distance": params["max_distance"],
+        "hierarchy": {"merges": int(n - len(sizes)), "clusters_at_max_distance": int(len(sizes)),
+                      "inversions": inversions},
         "rounds": len(beam_rounds) + len(mem_rounds),
         "beam_rounds": beam_rounds,
         "inmemory_rounds": mem_rounds,
@@ -378,13 +412,66 @@ def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, params):
     }
 
 
+def check_cut_flags(distance_threshold, target_mean_cluster_size, num_clusters, max_distance, metric):
+    """(rule, value, max_distance) of a clustering's cut flags, or InputError naming the flag.
+
+    Exactly one of the three rules; --max_distance (the eps the rounds run to) defaults
+    to --distance_threshold and is required with the two others.
+    """
+    given = [(flag, v) for flag, v in (("--distance_threshold", distance_threshold),
+                                       ("--target_mean_cluster_size", target_mean_cluster_size),
+                                       ("--num_clusters", num_clusters)) if v is not None]
+    if len(given) != 1:
+        raise InputError("exactly one of --distance_threshold, --target_mean_cluster_size, --num_clusters is "
+                         f"required, got {', '.join(f for f, _ in given) or 'none'}")
+    if metric not in hk.METRICS:
+        raise InputError(f"--metric must be one of {', '.join(hk.METRICS)}, got {metric!r}")
+    (flag, value), = given
+
+    def finite(v):
+        return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
+
+    if distance_threshold is not None:
+        rule = "distance"
+        if not (finite(value) and value > 0):
+            raise InputError(f"--distance_threshold must be a finite number > 0, got {value!r}")
+        if metric == "cosine" and value > 2:
+            raise InputError(f"--distance_threshold: cosine distances are at most 2, got {value}")
+    elif target_mean_cluster_size is not None:
+        rule = "target"
+        if not (finite(value) and value >= 1):
+            raise InputError(f"--target_mean_cluster_size must be a finite number >= 1, got {value!r}")
+    else:
+        rule = "num_clusters"
+        if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1):
+            raise InputError(f"--num_clusters must be an integer >= 1, got {value!r}")
+    if max_distance is None:
+        if rule != "distance":
+            raise InputError(f"--max_distance is required with {flag}: the eps the clustering runs to "
+                             "before the cut is chosen")
+        max_distance = value
+    if not (finite(max_distance) and max_distance > 0):
+        raise InputError(f"--max_distance must be a finite number > 0, got {max_distance!r}")
+    if metric == "cosine" and max_distance > 2:
+        raise InputError(f"--max_distance: cosine distances are at most 2, got {max_distance}")
+    if rule == "distance" and max_distance < value:
+        raise InputError(f"--max_distance ({max_distance}) must be >= --distance_threshold ({value})")
+    return rule, (float(value) if rule != "num_clusters" else int(value)), float(max_distance)
+
+
 class BuildClusters(beam.PTransform):
-    """Average-linkage HAC cut at `distance_threshold`, over pa.RecordBatch blocks.
+    """Average-linkage HAC over pa.RecordBatch blocks, run to `max_distance` and cut by one rule.
+
+    Cut: exactly one of `distance_threshold` (max_distance defaults to it), or
+    `target_mean_cluster_size` / `num_clusters` (max_distance required; the achievable
+    cut nearest the target; InputError naming the flag, raised in the pipeline, if even
+    the cut at max_distance is finer than the target).
 
     Input: PCollection[pa.RecordBatch] with `example_id` (string) and `embedding`
     (list of numbers, the same length in every row).
     Output: dict of PCollections
-      "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64),
+      "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64),
+      "merges":   pa.RecordBatch (hierarchy.MERGES_SCHEMA), every merge up to max_distance,
       "rejected": pa.RecordBatch (example_id, reason),
       "summary":  one dict (see the manifest in README: n, clusters, size_histogram,
                   rounds, per-round merges/active clusters, knn_recall, input_fingerprint).
@@ -397,19 +484,18 @@ class BuildClusters(beam.PTransform):
         out["clusters"] | WriteTableBlocks(prefix, CLUSTERS_SCHEMA)
     """
 
-    def __init__(self, distance_threshold: float, metric: str = "cosine",
+    def __init__(self, distance_threshold: Optional[float] = None, metric: str = "cosine",
                  num_neighbors: int = DEFAULT_NUM_NEIGHBORS, knn_mode: str = "auto",
                  exact_max_points: int = DEFAULT_EXACT_MAX_POINTS, num_partitions: int = 0,
                  num_probes: int = DEFAULT_NUM_PROBES, num_shards: int = DEFAULT_NUM_SHARDS,
                  max_rounds: int = DEFAULT_MAX_ROUNDS, max_inmemory_edges: int = DEFAULT_MAX_INMEMORY_EDGES,
-                 seed: int = 0, max_points: Optional[int] = None):
+                 seed: int = 0, max_points: Optional[int] = None,
+                 target_mean_cluster_size: Optional[float] = None, num_clusters: Optional[int] = None,
+                 max_distance: Optional[float] = None):
         super().__init__()
-        if not (isinstance(distance_threshold, (int, float)) and np.isfinite(distance_threshold) and distance_threshold > 0):
-            raise InputError(f"--distance_threshold must be a finite number > 0, got {distance_threshold!r}")
-        if metric not in hk.METRICS:
-            raise InputError(f"--metric must be one of {', '.join(hk.METRICS)}, got {metric!r}")
-        if metric == "cosine" and distance_threshold > 2:
-            raise InputError(f"--distance_threshold: cosine distances are at most 2, got {distance_threshold}")
+        rule, value, max_distance = check_cut_flags(distance_threshold, target_mean_cluster_size, num_clusters,
+                                                    max_distance, metric)
+        self._cut = (rule, value)
         if knn_mode not in KNN_MODES:
             raise InputError(f"--knn_mode must be one of {', '.join(KNN_MODES)}, got {knn_mode!r}")
         for flag, value, low in (("--num_neighbors", num_neighbors, 1), ("--exact_max_points", exact_max_points, 0),
@@ -433,7 +519,10 @@ class BuildClusters(beam.PTransform):
         self._static_mode = knn_mode if knn_mode != "auto" else (
             None if max_points is None else ("exact" if max_points <= exact_max_points else "ivf"))
         self.params = {
-            "distance_threshold": float(distance_threshold), "metric": metric, "num_neighbors": int(num_neighbors),
+            "distance_threshold": None if distance_threshold is None else float(distance_threshold),
+            "target_mean_cluster_size": None if target_mean_cluster_size is None else float(target_mean_cluster_size),
+            "num_clusters": None if num_clusters is None else int(num_clusters),
+            "max_distance": float(max_distance), "metric": metric, "num_neighbors": int(num_neighbors),
             "knn_mode": knn_mode, "exact_max_points": int(exact_max_points), "num_partitions": int(num_partitions),
             "num_probes": int(num_probes), "num_shards": int(num_shards), "max_rounds": int(max_rounds),
             "max_inmemory_edges": int(max_inmemory_edges), "seed": int(seed),
@@ -441,7 +530,8 @@ class BuildClusters(beam.PTransform):
 
     def expand(self, batches):
         p = self.params
-        metric, eps = p["metric"], p["distance_threshold"]
+        # The rounds run to max_distance; the clusters are then cut where the rule says.
+        metric, eps = p["metric"], p["max_distance"]
         valid = batches | "Validate" >> beam.ParDo(_Validate(metric)).with_outputs("rejected", main="points")
         stats = valid.points | "PoolStats" >> beam.CombineGlobally(_PoolStats(metric, SAMPLE_SIZE))
         plan = stats | "Plan" >> beam.Map(
@@ -481,6 +571,14 @@ class BuildClusters(beam.PTransform):
             | "GroupOutput" >> beam.GroupByKey()
             | "JoinExampleIds" >> beam.FlatMap(_join_names)
         )
+        merges = hac["merges"]
+        rule, value = self._cut
+        cuts = []
+        if rule != "distance" or value < eps:
+            cut = {"clusters": clusters, "merges": merges} | "Cut" >> CutHierarchy(rule, value, eps, "--max_distance")
+            clusters = cut["clusters"]
+            cuts = [cut["cut"]]
+        cut_list = beam.pvalue.AsList(cuts[0] if cuts else batches.pipeline | "NoCut" >> beam.Create([]))
         rejected_counts = (
             valid.rejected
             | "RejectReasons" >> beam.FlatMap(lambda b: b.column(1).to_pylist())
@@ -496,6 +594,8 @@ class BuildClusters(beam.PTransform):
                 beam.pvalue.AsList(recall),
                 beam.pvalue.AsList(checked),
                 beam.pvalue.AsDict(rejected_counts),
+                cut_list,
                 self.params)
         )
-        return {"clusters": clusters, "rejected": valid.rejected, "summary": summary}
+        return {"clusters": clusters, "rejected": valid.rejected, "summary": summary,
+                "merges": merges | "MergesToBatches" >> beam.Map(merges_to_batch)}

@@ -29,6 +29,10 @@ remainder goes to one worker and finishes in memory (`hac_kernels.hac_in_memory`
 the same round semantics). After `max_rounds` Beam
 rounds the remainder must fit that bound, or the job fails naming both flags.
 Spatial shards keep most edges, and so most messages, inside one shard.
+
+Every merge is logged where it happens (Relabel, which holds both sides' state before
+the merge, and the finish) as `hierarchy_kernels.Merges` blocks: the two public labels,
+the exact linkage that made the pair reciprocal nearest, the merged size and the round.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import apache_beam as beam
 import numpy as np
 
 from cm_beam import hac_kernels as hk
+from cm_beam import hierarchy_kernels as hik
 from cm_beam import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.hac_kernels import Clusters, lookup, shard_of
@@ -122,7 +127,7 @@ def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish)
     if not force_finish:  # the finish deduplicates every edge itself (dense_canonical_edges)
         src, dst = _directed_unique(src, dst)
     return _route(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst),
-                  directed_bound, max_inmemory_edges, force_finish)
+                  directed_bound, max_inmemory_edges, force_finish, 0)
 
 
 def _directed_unique(src, dst):
@@ -139,12 +144,14 @@ def _directed_unique(src, dst):
 
 # --- Routing: Beam round or in-memory finish -------------------------------------
 
-def _route(shard, state, directed_bound, max_inmemory_edges, force_finish):
+def _route(shard, state, directed_bound, max_inmemory_edges, force_finish, next_round):
     """The stage that builds a round's state also routes it, so the state (float64
     sums: most of the bytes) is not shipped once more just to be routed. The count
     is an upper bound of the directed edges (taken before duplicates drop), so the
     finish may come one round later than an exact count would allow; `_finish`
-    checks the exact count."""
+    checks the exact count. `next_round` numbers the finish's rounds after the Beam
+    rounds in the merge log."""
+    state["next_round"] = next_round
     if force_finish or directed_bound // 2 <= max_inmemory_edges:
         return [beam.pvalue.TaggedOutput("finish", state)]
     return [(shard, state)]
@@ -196,7 +203,7 @@ def _nearest(kv, eps, metric, round_index):
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
         src, dst, link = src[keep], dst[keep], link[keep]
-        has, nn, _ = hk.nearest_candidates(src, dst, link)
+        has, nn, nn_link = hk.nearest_candidates(src, dst, link)
         active = np.isin(c.ids, has)
         retired = c.take(~active)
         members_retired, members = _take_members(st["members"], retired.ids)
@@ -204,7 +211,8 @@ def _nearest(kv, eps, metric, round_index):
             yield out
         c = c.take(active)
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "active"), len(c)))
-        nn_full = nn[lookup(has, c.ids)]
+        pos = lookup(has, c.ids)
+        nn_full, link_full = nn[pos], nn_link[pos]
         nshard = shard_of(nn_full)
         remote = nshard != shard
         for q in unique_sorted(nshard[remote]):
@@ -212,6 +220,7 @@ def _nearest(kv, eps, metric, round_index):
             yield int(q), ("choice", (c.ids[m], nn_full[m]))
         st = _state(c, members, src, dst)
         st["nn"] = nn_full
+        st["nn_link"] = link_full  # the height of the merge, if this pair is reciprocal
         yield shard, ("state", st)
 
 
@@ -237,7 +246,7 @@ def _match(kv, round_index):
         pos = lookup(ch, nn)
         recip = (pos >= 0) & (tg[np.maximum(pos, 0)] == c.ids) if len(ch) else np.zeros(len(c), bool)
         is_loser = recip & (nn < c.ids)
-        losers, winners = c.ids[is_loser], nn[is_loser]
+        losers, winners, heights = c.ids[is_loser], nn[is_loser], st["nn_link"][is_loser]
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "merges"), int(is_loser.sum())))
         if len(losers):
             lost = c.take(is_loser)
@@ -249,7 +258,7 @@ def _match(kv, round_index):
                 sub_ids = losers[m]
                 mo, mp = members_lost
                 mm = np.isin(mo, sub_ids)
-                yield int(q), ("absorb", (winners[m], lost.take(m), (mo[mm], mp[mm])))
+                yield int(q), ("absorb", (winners[m], lost.take(m), (mo[mm], mp[mm]), heights[m]))
             # Rename notices to every shard holding an edge that points at a loser:
             # the shards of the loser's neighbours (adjacency is symmetric), and
             # this shard (the loser's own edges are renamed and moved from here).
@@ -268,7 +277,7 @@ def _match(kv, round_index):
 
 # --- Round stage 3: absorb merged clusters and relabel edges --------------------
 
-def _relabel(kv):
+def _relabel(kv, round_index):
     shard, items = kv
     st, absorbs, olds, news = None, [], [], []
     for tag, value in items:
@@ -291,9 +300,16 @@ def _relabel(kv):
             # Clusters.concat sorts by id: reorder winners to match.
             lost_ids = np.concatenate([a[1].ids for a in absorbs])
             winners = winners[np.argsort(lost_ids, kind="stable")]
+            # The merge log, from both sides' state before the merge.
+            pw = lookup(c.ids, winners)
+            if (pw < 0).any():
+                raise AssertionError(f"shard {shard}: a loser chose a winner that is not in the winner's shard")
+            heights = np.concatenate([a[3] for a in absorbs])[np.argsort(lost_ids, kind="stable")]
+            yield beam.pvalue.TaggedOutput("merges", hik.Merges.from_pairs(
+                c.labels[pw], lost.labels, heights, c.counts[pw] + lost.counts, round_index))
             merged = Clusters.concat([c, lost], d)
             c = hk.merge_clusters(merged, winners, lost.ids)
-            for w_ids, l_state, (mo, mp) in absorbs:
+            for w_ids, l_state, (mo, mp), _ in absorbs:
                 w_of = w_ids[lookup(l_state.ids, mo)]
                 owners.append(w_of); pts.append(mp)
         members = (np.concatenate(owners), np.concatenate(pts))
@@ -323,7 +339,7 @@ def _relabel(kv):
 
 # --- Round stage 4: collect moved edges ------------------------------------------
 
-def _collect(kv, directed_bound, max_inmemory_edges, force_finish):
+def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
     shard, items = kv
     st, srcs, dsts = None, [], []
     for tag, value in items:
@@ -336,7 +352,7 @@ def _collect(kv, directed_bound, max_inmemory_edges, force_finish):
     with _Timer("hac_rounds"):
         src, dst = _directed_unique(np.concatenate([st["src"]] + srcs), np.concatenate([st["dst"]] + dsts))
     return _route(shard, _state(st["clusters"], st["members"], src, dst), directed_bound, max_inmemory_edges,
-                  force_finish)
+                  force_finish, next_round)
 
 
 # --- In-memory finish --------------------------------------------------------------
@@ -354,8 +370,8 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
         u = np.concatenate([s["src"] for s in states])
         v = np.concatenate([s["dst"] for s in states])
         try:
-            final, (losers, winners), stats, _ = hk.hac_in_memory(clusters, u, v, eps, metric,
-                                                                  max_edges=max_inmemory_edges)
+            final, (losers, winners), stats, _, log = hk.hac_in_memory(
+                clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True)
         except hk.TooManyEdges as e:
             raise RuntimeError(
                 f"cm-cluster: {e.edges} candidate edges are left after --max_rounds={max_rounds} rounds, "
@@ -366,6 +382,12 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "merges"), s.merges))
+        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
+        if any(s["next_round"] != first_round for s in states):
+            raise AssertionError("shards reached the in-memory finish after different rounds")
+        if len(log["size"]):
+            yield beam.pvalue.TaggedOutput("merges", hik.Merges.from_pairs(
+                log["label_w"], log["label_l"], log["height"], log["size"], first_round + log["round"]))
         owner = hk.resolve_parents(owner, losers, winners)
         for out in _emit_done(final, (owner, points)):
             yield out
@@ -378,6 +400,7 @@ class HacRounds(beam.PTransform):
                    "edges":  (shard, {"src", "dst", ...})} of PCollections.
     Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
              "sizes": int64 arrays of final cluster sizes,
+             "merges": hierarchy_kernels.Merges blocks, every merge made (see that module),
              "stats": ((round, name), value) summed per key}.
 
     Example:
@@ -422,7 +445,7 @@ class HacRounds(beam.PTransform):
                 _initial_state, metric, beam.pvalue.AsSingleton(knn_directed), self._max_inmemory,
                 self._max_rounds == 0).with_outputs("finish", main="round")
         )
-        done, sizes, stats, finish = [], [], [], [routed.finish]
+        done, sizes, stats, finish, merges = [], [], [], [routed.finish], []
         state = routed.round
         for r in range(self._max_rounds):
             nearest = (
@@ -441,15 +464,16 @@ class HacRounds(beam.PTransform):
             relabeled = (
                 matched.state
                 | f"R{r}GroupMerges" >> beam.GroupByKey()
-                | f"R{r}Relabel" >> beam.FlatMap(_relabel).with_outputs("edge_count", main="moves")
+                | f"R{r}Relabel" >> beam.FlatMap(_relabel, r).with_outputs("edge_count", "merges", main="moves")
             )
+            merges.append(relabeled.merges)
             directed = relabeled.edge_count | f"R{r}SumEdges" >> beam.CombineGlobally(sum)
             routed = (
                 relabeled.moves
                 | f"R{r}GroupMoved" >> beam.GroupByKey()
                 | f"R{r}Collect" >> beam.FlatMap(
                     _collect, beam.pvalue.AsSingleton(directed), self._max_inmemory,
-                    r == self._max_rounds - 1).with_outputs("finish", main="round")
+                    r == self._max_rounds - 1, r + 1).with_outputs("finish", main="round")
             )
             finish.append(routed.finish)
             state = routed.round
@@ -460,11 +484,13 @@ class HacRounds(beam.PTransform):
             | "GroupFinish" >> beam.GroupByKey()
             | "FinishInMemory" >> beam.FlatMap(
                 _finish, eps, metric, self._max_inmemory, self._max_rounds
-            ).with_outputs("done", "sizes", "stats")
+            ).with_outputs("done", "sizes", "stats", "merges")
         )
         done.append(finished.done); sizes.append(finished.sizes); stats.append(finished.stats)
+        merges.append(finished.merges)
         return {
             "assignments": done | "FlattenDone" >> beam.Flatten(),
             "sizes": sizes | "FlattenSizes" >> beam.Flatten(),
+            "merges": merges | "FlattenMerges" >> beam.Flatten(),
             "stats": stats | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
         }

@@ -269,7 +269,7 @@ def dense_canonical_edges(ids_sorted: np.ndarray, u: np.ndarray, v: np.ndarray) 
 
 
 def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str,
-                  max_rounds: int = 1 << 30, max_edges: Optional[int] = None):
+                  max_rounds: int = 1 << 30, max_edges: Optional[int] = None, return_merges: bool = False):
     """Runs RNN rounds until no candidate edge within eps is left.
 
     The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
@@ -284,6 +284,11 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
     of RoundStats, remaining edges (u, v) as ids). `resolve_parents` maps any
     initial id to its final cluster. Raises TooManyEdges before any round when the
     distinct edges are more than `max_edges`.
+
+    With `return_merges`, a fifth element is the merge log: a dict of arrays, one row
+    per merge in order, "label_w", "label_l" (the public labels of winner and loser
+    before the merge), "height" (their linkage), "size" (of the merged cluster) and
+    "round" (0-based round of this call).
     """
     clusters = clusters.sorted()
     m = len(clusters)
@@ -300,6 +305,7 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
     all_losers: List[np.ndarray] = []
     all_winners: List[np.ndarray] = []
     stats: List[RoundStats] = []
+    log: Dict[str, List[np.ndarray]] = {"label_w": [], "label_l": [], "height": [], "size": [], "round": []}
     rounds = 0
     while len(iu) and rounds < max_rounds:
         rounds += 1
@@ -325,6 +331,10 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
         partner = nn[active]
         recip = (nn[partner] == active) & (active < partner)
         w, l = active[recip], partner[recip]
+        if return_merges:
+            log["label_w"].append(labels[w].copy()); log["label_l"].append(labels[l].copy())
+            log["height"].append(minl[w]); log["size"].append(counts[w] + counts[l])
+            log["round"].append(np.full(len(w), rounds - 1, np.int32))
         counts[w] += counts[l]
         sums[w] += sums[l]
         sq[w] += sq[l]
@@ -357,6 +367,10 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
     final = Clusters(ids[alive], counts[alive], sums[alive], sq[alive], labels[alive])
     losers = np.concatenate(all_losers) if all_losers else np.zeros(0, np.int64)
     winners = np.concatenate(all_winners) if all_winners else np.zeros(0, np.int64)
+    if return_merges:
+        merges = {k: np.concatenate(v) if v else np.zeros(0, np.float64 if k == "height" else np.int64)
+                  for k, v in log.items()}
+        return final, (losers, winners), stats, (ids[iu], ids[iv]), merges
     return final, (losers, winners), stats, (ids[iu], ids[iv])
 
 

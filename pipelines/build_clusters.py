@@ -1,10 +1,21 @@
 """`cm-cluster`: average-linkage HAC of a pool's embeddings, cut at a distance, on Beam.
 
 Reads Parquet with `example_id` and `embedding` and writes `clusters-*.parquet`
-(example_id, cluster_id int64 >= 0, cluster_size int64), `rejected-*.parquet`
-(example_id, reason: non_finite, zero_vector, null_embedding, empty_embedding) and
-`manifest.json` last (parameters, counts, size histogram, rounds, kNN recall, timings,
-input fingerprint).
+(example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64), `merges-*.parquet`
+(every merge: cluster_a, cluster_b, merged, height, size, round; see
+cm_beam/hierarchy_kernels.py), `rejected-*.parquet` (example_id, reason: non_finite,
+zero_vector, null_embedding, empty_embedding) and `manifest.json` last (parameters, the
+cut, counts, size histogram, rounds, kNN recall, timings, input fingerprint).
+
+The cut: exactly one of --distance_threshold E (the rounds run to --max_distance, default
+E, and the clusters are cut at E), --target_mean_cluster_size S or --num_clusters C (the
+rounds run to --max_distance D, required, then the cut is the achievable one whose mean
+cluster size, resp. cluster count, is nearest the target; ties to the finer cut).
+
+Re-cut an existing clustering without reclustering (reads its clusters and merges,
+writes the same files and a manifest whose `cut` names the source):
+
+    cm-cluster --recut_from work/clusters --output_dir work/clusters-10 --target_mean_cluster_size 10
 
     cm-cluster --embeddings 'gs://b/emb/embeddings-*.parquet' --output_dir gs://b/clusters \
         --distance_threshold 0.2 --runner DataflowRunner --project ... --temp_location ...
@@ -24,7 +35,7 @@ from typing import Dict, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts, table_io
+from cm_beam import artifacts, hierarchy, table_io
 from cm_beam import cluster as cl
 from cm_beam import runner as cm_runner
 from cm_beam.errors import InputError
@@ -38,9 +49,19 @@ BLOCK_ROWS = 32_768
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cm-cluster", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--embeddings", required=True, help="Glob of Parquet files with example_id and embedding (list of floats).")
-    p.add_argument("--distance_threshold", required=True, type=cm_runner.positive_float,
-                   help="eps: the average-linkage distance at which the dendrogram is cut (scipy fcluster 'distance').")
+    p.add_argument("--embeddings", help="Glob of Parquet files with example_id and embedding (list of floats).")
+    cut = p.add_argument_group("cut (exactly one of --distance_threshold, --target_mean_cluster_size, --num_clusters)")
+    cut.add_argument("--distance_threshold", type=cm_runner.positive_float, default=None,
+                     help="eps: the average-linkage distance at which the dendrogram is cut (scipy fcluster 'distance').")
+    cut.add_argument("--target_mean_cluster_size", type=cm_runner.positive_float, default=None,
+                     help="Cut where the mean cluster size (points / clusters) is nearest this; needs --max_distance.")
+    cut.add_argument("--num_clusters", type=cm_runner.positive_int, default=None,
+                     help="Cut where the number of clusters is nearest this; needs --max_distance.")
+    cut.add_argument("--max_distance", type=cm_runner.positive_float, default=None,
+                     help="eps the merge rounds run to (the hierarchy in merges-*.parquet covers it); default "
+                          "--distance_threshold, required with the other two rules. Not with --recut_from.")
+    cut.add_argument("--recut_from", default=None,
+                     help="Output directory of an earlier cm-cluster run: cut its hierarchy again (no --embeddings).")
     p.add_argument("--metric", choices=("cosine", "sqeuclidean"), default="cosine",
                    help="cosine (vectors L2-normalised on input) or sqeuclidean (squared Euclidean).")
     p.add_argument("--num_neighbors", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_NEIGHBORS,
@@ -88,16 +109,34 @@ def _stage_seconds(result) -> Dict[str, float]:
     return out
 
 
+# Errors raised inside the pipeline that name a flag; workers in other processes wrap them.
+_FLAG_ERROR = re.compile(r"InputError: ((?:--embeddings|--target_mean_cluster_size|--num_clusters|--distance_threshold)"
+                         r"[: ].*?)(?: \[while running|\n|$)")
+
+
+def _unwrap_input_error(e: Exception) -> None:
+    found = _FLAG_ERROR.search(str(e))
+    if found:
+        raise InputError(found.group(1)) from e
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
-    """Runs cm-cluster; returns the manifest it wrote."""
+    """Runs cm-cluster; returns the manifest it wrote (with `distance_threshold`,
+    `num_clusters`, `mean_cluster_size` of the cut at the top level)."""
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     start = time.time()
+    if args.recut_from is not None:
+        return _recut(args, beam_args, start)
+    if args.embeddings is None:
+        raise InputError("--embeddings is required (or --recut_from to cut an earlier clustering again)")
     transform = cl.BuildClusters(
         distance_threshold=args.distance_threshold, metric=args.metric, num_neighbors=args.num_neighbors,
         knn_mode=args.knn_mode, exact_max_points=args.exact_max_points, num_partitions=args.num_partitions,
         num_probes=args.num_probes, num_shards=args.num_shards, max_rounds=args.max_rounds,
-        max_inmemory_edges=args.max_inmemory_edges, seed=args.seed)
+        max_inmemory_edges=args.max_inmemory_edges, seed=args.seed,
+        target_mean_cluster_size=args.target_mean_cluster_size, num_clusters=args.num_clusters,
+        max_distance=args.max_distance)
     # Everything that can fail on bad input is checked before any work is done.
     files = table_io.inspect_inputs([args.embeddings], "--embeddings", {"example_id": "id", "embedding": "vector"})
     transform = cl.BuildClusters(**{k: v for k, v in transform.params.items()
@@ -112,20 +151,22 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         artifacts.join(args.output_dir, "clusters"), cl.CLUSTERS_SCHEMA)
     out["rejected"] | "WriteRejected" >> table_io.WriteTableBlocks(
         artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
+    out["merges"] | "WriteMerges" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
     out["summary"] | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
     rows = sum(f.num_rows for f in files)
-    _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), args.distance_threshold, args.metric)
+    _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), transform.params["max_distance"],
+              args.metric)
 
     try:
         pipeline_seconds, result = cm_runner.run_pipeline(pipeline, "cm-cluster", return_result=True)
     except (InputError, cm_runner.JobNotExecuted):
         raise
     except Exception as e:
-        # Bad rows found inside the pipeline (ragged or duplicate ids) reach us wrapped
-        # in the runner's error when workers are separate processes: unwrap them.
-        found = re.search(r"InputError: (--embeddings:.*?)(?: \[while running|\n|$)", str(e))
-        if found:
-            raise InputError(found.group(1)) from e
+        # Bad rows found inside the pipeline (ragged or duplicate ids) and unreachable
+        # cut targets reach us wrapped in the runner's error when workers are separate
+        # processes: unwrap them.
+        _unwrap_input_error(e)
         raise
 
     summary = artifacts.read_json(summary_path)
@@ -134,6 +175,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
     fingerprint = {"digest": summary.pop("input_fingerprint"), "method": summary.pop("input_fingerprint_method"),
                    "rows": summary["input_rows"]}
     singletons = summary["size_histogram"].get("1", 0)
+    summary["cut"] = {"source": None, **summary["cut"]}
     manifest = {
         "stage": "cluster",
         "parameters": params,
@@ -141,7 +183,103 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
                    "clusters": summary["clusters"], "singletons": singletons},
         **summary,
         "input_fingerprint": fingerprint,
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet"},
+        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet"},
+        "timings": {
+            "pipeline_seconds": round(pipeline_seconds, 3),
+            "wall_seconds": round(time.time() - start, 3),
+            "stage_seconds": _stage_seconds(result),
+            "stage_seconds_note": "time inside each stage's DoFns, summed over workers",
+        },
+    }
+    artifacts.write_manifest(args.output_dir, manifest)
+    return manifest
+
+
+def _recut(args, beam_args, start) -> Dict:
+    """cm-cluster --recut_from DIR: the hierarchy of an earlier run, cut again."""
+    source = args.recut_from
+    if args.embeddings is not None:
+        raise InputError("--embeddings: not used with --recut_from (the hierarchy is read from that directory)")
+    if args.max_distance is not None:
+        raise InputError("--max_distance: not used with --recut_from (the hierarchy covers the source's max_distance)")
+    if args.output_dir.rstrip("/") == source.rstrip("/"):
+        raise InputError("--output_dir must differ from --recut_from")
+    src = artifacts.read_manifest(source)
+    if src is None:
+        raise InputError(f"--recut_from: {source} has no manifest.json (not a complete cm-cluster output)")
+    if src.get("stage") != "cluster" or src.get("max_distance") is None:
+        raise InputError(f"--recut_from: {source} holds no merge hierarchy (not a cm-cluster output, or one made "
+                         "before merges-*.parquet existed); run cm-cluster again")
+    max_eps = float(src["max_distance"])
+    if args.distance_threshold is not None and args.distance_threshold > max_eps:
+        raise InputError(f"--distance_threshold {args.distance_threshold} is above the max_distance {max_eps} of "
+                         f"--recut_from {source}: its hierarchy has no merges above that")
+    metric = src["parameters"].get("metric", "cosine")
+    rule, value, _ = cl.check_cut_flags(args.distance_threshold, args.target_mean_cluster_size, args.num_clusters,
+                                        max_eps, metric)
+    clusters_files = table_io.inspect_inputs([artifacts.join(source, "clusters-*.parquet")], "--recut_from",
+                                             {"example_id": "id", "leaf_id": "int"})
+    merges_files = table_io.inspect_inputs([artifacts.join(source, "merges-*.parquet")], "--recut_from",
+                                           {name: "any" for name in cl.MERGES_SCHEMA.names})
+    rejected_pattern = artifacts.join(source, "rejected-*.parquet")
+    rejected_files = (table_io.inspect_inputs([rejected_pattern], "--recut_from", {"example_id": "id", "reason": "any"})
+                      if FileSystems.match([rejected_pattern])[0].metadata_list else [])
+    artifacts.prepare_output_dir(args.output_dir, args.overwrite)
+    summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
+
+    pipeline = beam.Pipeline(options=cm_runner.pipeline_options(beam_args))
+    leaves = pipeline | "ReadClusters" >> table_io.ReadTableBlocks(clusters_files, ["example_id", "leaf_id"], BLOCK_ROWS)
+    merge_batches = pipeline | "ReadMerges" >> table_io.ReadTableBlocks(merges_files, list(cl.MERGES_SCHEMA.names),
+                                                                          BLOCK_ROWS)
+    merges = merge_batches | "ToMerges" >> beam.Map(hierarchy.batch_to_merges)
+    cut = {"clusters": leaves, "merges": merges} | "Cut" >> hierarchy.CutHierarchy(
+        rule, value, max_eps, "the max_distance of --recut_from")
+    cut["clusters"] | "WriteClusters" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "clusters"), cl.CLUSTERS_SCHEMA)
+    merge_batches | "WriteMerges" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
+    rejected = (pipeline | "ReadRejected" >> table_io.ReadTableBlocks(rejected_files, ["example_id", "reason"])
+                if rejected_files else pipeline | "NoRejected" >> beam.Create([]))
+    rejected | "WriteRejected" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
+    cut["cut"] | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
+    _LOG.info("cm-cluster: re-cut %s (%s %s)", source, rule, value)
+    try:
+        pipeline_seconds, result = cm_runner.run_pipeline(pipeline, "cm-cluster", return_result=True)
+    except (InputError, cm_runner.JobNotExecuted):
+        raise
+    except Exception as e:
+        _unwrap_input_error(e)
+        raise
+    summary = artifacts.read_json(summary_path)
+    FileSystems.delete([summary_path])
+    counts = dict(src.get("counts", {}))
+    counts.update(clusters=summary["num_clusters"], singletons=summary["singletons"])
+    if counts.get("points") not in (None, summary["num_clusters"] + summary["merges_applied"]):
+        raise RuntimeError(f"--recut_from: {source}'s manifest counts {counts['points']} points, but its clusters and "
+                           f"merges describe {summary['num_clusters'] + summary['merges_applied']}")
+    params = dict(src["parameters"], distance_threshold=args.distance_threshold,
+                  target_mean_cluster_size=args.target_mean_cluster_size, num_clusters=args.num_clusters,
+                  recut_from=source)
+    cut_record = {"source": source, **{k: summary[k] for k in (
+        "rule", "requested", "distance_threshold", "num_clusters", "mean_cluster_size")}}
+    manifest = {
+        "stage": "cluster",
+        "parameters": params,
+        "counts": counts,
+        "n": src.get("n"),
+        "clusters": summary["num_clusters"],
+        "largest_cluster": summary["largest_cluster"],
+        "size_histogram": summary["size_histogram"],
+        "cut": cut_record,
+        "distance_threshold": summary["distance_threshold"],
+        "num_clusters": summary["num_clusters"],
+        "mean_cluster_size": summary["mean_cluster_size"],
+        "max_distance": max_eps,
+        "hierarchy": {"merges": summary["hierarchy_merges"], "clusters_at_max_distance":
+                      src.get("hierarchy", {}).get("clusters_at_max_distance"), "inversions": summary["inversions"]},
+        "input_fingerprint": src.get("input_fingerprint"),
+        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet"},
         "timings": {
             "pipeline_seconds": round(pipeline_seconds, 3),
             "wall_seconds": round(time.time() - start, 3),
@@ -159,6 +297,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def _print_summary(manifest) -> None:
     c = manifest["counts"]
+    cut = manifest["cut"]
+    if cut.get("source"):
+        print(f"cm-cluster: re-cut {cut['source']} at eps {cut['distance_threshold']:.6g} ({cut['rule']} "
+              f"{cut['requested']}): {cut['num_clusters']} clusters, mean size {cut['mean_cluster_size']:.3f}; "
+              f"{manifest['timings']['wall_seconds']:.1f}s")
+        return
     recall = manifest.get("knn_recall") or {}
     recall_text = f", kNN recall@k {recall['recall_at_k']:.3f}" if recall.get("recall_at_k") is not None else ""
     print(
