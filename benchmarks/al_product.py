@@ -66,7 +66,7 @@ def read_scores(output_dir: str) -> Dict[str, np.ndarray]:
 
 
 def build_clusters(embeddings_dir: str, output_dir: str, distance_threshold: float,
-                   num_neighbors: Optional[int] = None, metric: str = "cosine") -> dict:
+                   num_neighbors: Optional[int] = None, metric: str = "cosine", knn_mode: Optional[str] = None) -> dict:
     """Runs cm-cluster on cm-embed's output; returns summary + cluster size stats."""
     from pipelines import build_clusters as stage
 
@@ -74,6 +74,8 @@ def build_clusters(embeddings_dir: str, output_dir: str, distance_threshold: flo
             "--distance_threshold", repr(float(distance_threshold)), "--metric", metric, *BEAM_ARGS]
     if num_neighbors:
         argv += ["--num_neighbors", str(num_neighbors)]
+    if knn_mode:
+        argv += ["--knn_mode", knn_mode]
     summary = dict(stage.run(argv) or {})
     summary.update(cluster_stats(output_dir))
     return summary

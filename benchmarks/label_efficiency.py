@@ -127,6 +127,9 @@ class ClusterMarginConfig:
     recluster: bool = False  # re-cluster on every round's model instead of the seed model's only
     max_distance: float = 0.03  # first max eps of the hierarchy (doubled until the target is reachable)
     num_neighbors: int = 0  # 0: cm-cluster's default
+    # Exact candidates: the clusters the design promises, whatever the pool size (cm-cluster's
+    # approximate path above 50K points is measured separately, benchmarks/cluster_bench.py).
+    knn_mode: str = "exact"
 
     def label(self) -> str:
         return (f"cm_f{self.margin_pool_factor:g}_s{self.target_cluster_size:g}"
@@ -314,14 +317,14 @@ class Data:
         mean cluster size reaches cm.target_cluster_size (doubled from cm.max_distance)."""
         import al_product
 
-        key = (embed_dir, cm.num_neighbors)
+        key = (embed_dir, cm.num_neighbors, cm.knn_mode)
         known = self._hierarchies.get(key)
         if known and known["mean_cluster_size"] >= cm.target_cluster_size:
             return known
         eps = max(cm.max_distance, known["max_distance"] * 2) if known else cm.max_distance
         for _ in range(8):
             t0 = time.time()
-            stats = al_product.build_clusters(embed_dir, out_dir, eps, cm.num_neighbors or None)
+            stats = al_product.build_clusters(embed_dir, out_dir, eps, cm.num_neighbors or None, knn_mode=cm.knn_mode)
             built = {"dir": out_dir, "max_distance": eps, "build_s": time.time() - t0,
                      "mean_cluster_size": stats["mean_cluster_size"], "num_clusters": stats["num_clusters"]}
             self._hierarchies[key] = built
