@@ -172,16 +172,24 @@ class ScoreBlockFn(beam.DoFn):
 # 2. Join of scores, clusters and exclusions in example_id-hash buckets
 # ---------------------------------------------------------------------------
 def split_by_bucket(batch: pa.RecordBatch, buckets: np.ndarray):
-    """Yields (bucket, sub-batch) for each bucket present in `buckets` (one per row)."""
+    """Yields (bucket, sub-batch) for each bucket present in `buckets` (one per row).
+
+    Each sub-batch is its own `take`, not a slice of one reordered batch: pickling a
+    slice writes the whole parent buffer (pyarrow 25), so with b buckets a block was
+    encoded b times over and the shuffle grew as pool x buckets, i.e. quadratically
+    (benchmarks/select_profile.py; results/select_profile.json).
+    """
     if batch.num_rows == 0:
         return
     order = np.argsort(buckets, kind="stable")
     sorted_b = buckets[order]
     starts = np.flatnonzero(np.concatenate([[True], sorted_b[1:] != sorted_b[:-1]]))
     ends = np.concatenate([starts[1:], [sorted_b.size]])
-    taken = batch.take(pa.array(order))
+    if starts.size == 1:
+        yield int(sorted_b[0]), batch
+        return
     for s, e in zip(starts, ends):
-        yield int(sorted_b[s]), taken.slice(int(s), int(e - s))
+        yield int(sorted_b[s]), batch.take(pa.array(order[s:e]))
 
 
 def join_buckets(base_hashes: np.ndarray, num_buckets: int) -> np.ndarray:
