@@ -8,7 +8,9 @@
   and the sizes of the clusters the batch drew from;
 * `class_mix.png`: the share of each predicted class in the pool and in the batch
   (and, when true labels are given as in the demo, the batch's true classes);
-* `report.json`: the numbers behind the plots.
+* `report.json`: the numbers behind the plots, and cm-select's `batch_diagnostics`
+  (picks per pass, share from clusters of size 1 in M, median uncertainty rank,
+  clusters touched and with more than one pick) from the batch's manifest.
 
 The artifacts are read one file at a time, column by column, and reduced to
 histograms as they are read, so memory is bounded by one file plus the batch's
@@ -104,6 +106,7 @@ def collect(embeddings: str, clusters: str, selection: str, labels: Optional[str
         "pool_predicted_classes": {str(k): v for k, v in sorted(pool_classes.items())},
         "batch_predicted_classes": {str(k): v for k, v in sorted(batch_classes.items())},
     }
+    numbers["batch_diagnostics"] = _batch_diagnostics(selection)
     if labels:
         import csv
 
@@ -115,6 +118,13 @@ def collect(embeddings: str, clusters: str, selection: str, labels: Optional[str
                     true_classes[int(row["label"])] = true_classes.get(int(row["label"]), 0) + 1
         numbers["batch_true_classes"] = {str(k): v for k, v in sorted(true_classes.items())}
     return numbers
+
+
+def _batch_diagnostics(selection: str) -> Optional[Dict]:
+    """cm-select's batch_diagnostics, from the manifest beside the selection files (None if absent)."""
+    directory = selection.rsplit("/", 1)[0] if "/" in selection else "."
+    manifest = artifacts.read_manifest(directory)
+    return (manifest or {}).get("batch_diagnostics")
 
 
 def _save(fig, path: str) -> None:

@@ -36,7 +36,8 @@ Example:
 
 Outputs (a dict): `selection` (record batches of SELECTION_SCHEMA: example_id,
 cluster_id, margin, round, rank), `rejected` (example_id, reason: scores rows that
-are not valid), `stats` (one dict of counts and the cluster-size histogram).
+are not valid), `stats` (one dict of counts, the cluster-size histogram and the
+batch diagnostics of `selection_kernels.batch_diagnostics`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ class _MergeStatsFn(impl.SumDictsFn):
                 acc[k] = max(acc.get(k, v), v)
             else:
                 acc[k] = acc.get(k, 0) + v
+        return acc
+
+
+class _SumShortArraysFn(beam.CombineFn):
+    """Sums equal-length int64 arrays whose length is known only at run time."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, item):
+        return item.copy() if acc is None else acc + item
+
+    def merge_accumulators(self, accs):
+        out = None
+        for a in accs:
+            if a is not None:
+                out = self.add_input(out, a)
+        return out
+
+    def extract_output(self, acc):
         return acc
 
 
@@ -250,8 +271,21 @@ class SelectBatch(beam.PTransform):
             | "CollectSizeCounts" >> beam.CombineGlobally(impl.ConcatTriplesFn()).without_defaults()
             | "Offsets" >> beam.Map(lambda t: sk.BucketOffsets(*t))
         )
-        selection = laid_out.members | "RankAndCut" >> beam.FlatMap(
-            impl.rank_and_cut, AsSingleton(offsets, default_value=_NO_OFFSETS), self.batch_size)
+        cut = laid_out.members | "RankAndCut" >> beam.FlatMap(
+            impl.rank_and_cut, AsSingleton(offsets, default_value=_NO_OFFSETS), self.batch_size
+        ).with_outputs(impl.PICKS, main="selection")
+        selection = cut.selection
+
+        # Batch diagnostics: the picks (k_t rows) meet on one worker; their median
+        # uncertainty rank needs only a count of the margin pool's keys below one or
+        # two median keys (every key smaller than a pick's is in M).
+        picks = cut[impl.PICKS] | "CollectPicks" >> beam.CombineGlobally(impl.ConcatPicksFn()).without_defaults()
+        median_keys = picks | "MedianPickKeys" >> beam.Map(lambda p: sk.median_keys(p.key))
+        below_median = (
+            margin_pool
+            | "KeysBelowMedian" >> beam.Map(impl.keys_below, AsSingleton(median_keys, default_value=None))
+            | "SumKeysBelowMedian" >> beam.CombineGlobally(_SumShortArraysFn()).without_defaults()
+        )
 
         # One dict of counts from every stage, merged in a single combine.
         counts = (
@@ -266,10 +300,12 @@ class SelectBatch(beam.PTransform):
         )
         stats = pipeline | "StatsSeed" >> beam.Create([None]) | "AssembleStats" >> beam.Map(
             self._assemble_stats, AsSingleton(counts, default_value={}),
-            AsSingleton(offsets, default_value=_NO_OFFSETS))
+            AsSingleton(offsets, default_value=_NO_OFFSETS), AsSingleton(picks, default_value=None),
+            AsSingleton(below_median, default_value=None))
         return {"selection": selection, "rejected": scored[impl.ScoreBlockFn.REJECTED], "stats": stats}
 
-    def _assemble_stats(self, _, merged: Dict[str, int], offsets: sk.BucketOffsets) -> Dict:
+    def _assemble_stats(self, _, merged: Dict[str, int], offsets: sk.BucketOffsets,
+                        picks: Optional[sk.PickArrays], below_median: Optional[np.ndarray]) -> Dict:
         hist = offsets.histogram
         candidates = merged.get("candidates", 0)
         if hist.num_members != candidates:
@@ -297,4 +333,16 @@ class SelectBatch(beam.PTransform):
             "rounds": merged.get("max_round", -1) + 1,
             "candidate_cluster_size_histogram": hist.as_dict() if cluster_margin else {},
             "batch_smaller_than_requested": selected < self.batch_size,
+            "batch_diagnostics": self._diagnostics(picks, below_median),
         }
+
+    def _diagnostics(self, picks: Optional[sk.PickArrays], below_median: Optional[np.ndarray]) -> Dict:
+        picks = picks if picks is not None else sk.PickArrays.concat([])
+        # Random's order key is a hash, not an uncertainty: it has no uncertainty rank.
+        if self.strategy == "random":
+            below_median = None
+        elif below_median is None:  # an empty margin pool: no key is below anything
+            below_median = np.zeros(len(sk.median_keys(picks.key)), np.int64)
+        diag = sk.batch_diagnostics(picks, below_median, self.strategy == "cluster_margin")
+        diag["margin_pool_size"] = self.margin_pool_size
+        return diag

@@ -17,8 +17,8 @@ blocks, and the two cuts of Cluster-Margin are computed from small aggregates (s
 4. `route_by_group_key` + `LayoutBucketFn`: M in key ranges of cluster order key;
    each bucket lays out its clusters (member order, sizes, rank among same-size
    clusters) and reports (bucket, size, count) triples.
-5. `RankAndCutFn`: the global round-robin rank of each member from the triples, and
-   the cut at k_t.
+5. `rank_and_cut`: the global round-robin rank of each member from the triples, and
+   the cut at k_t; the picks' clusters, passes and keys go to the batch diagnostics.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ MEMBER_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("rank_in_size", pa.int64()),
         ("bucket", pa.int64()),
+        ("key", pa.uint64()),
     ]
 )
 SELECTION_SCHEMA = pa.schema(
@@ -172,16 +173,24 @@ class ScoreBlockFn(beam.DoFn):
 # 2. Join of scores, clusters and exclusions in example_id-hash buckets
 # ---------------------------------------------------------------------------
 def split_by_bucket(batch: pa.RecordBatch, buckets: np.ndarray):
-    """Yields (bucket, sub-batch) for each bucket present in `buckets` (one per row)."""
+    """Yields (bucket, sub-batch) for each bucket present in `buckets` (one per row).
+
+    Each sub-batch is its own `take`, not a slice of one reordered batch: pickling a
+    slice writes the whole parent buffer (pyarrow 25), so with b buckets a block was
+    encoded b times over and the shuffle grew as pool x buckets, i.e. quadratically
+    (benchmarks/select_profile.py; results/select_profile.json).
+    """
     if batch.num_rows == 0:
         return
     order = np.argsort(buckets, kind="stable")
     sorted_b = buckets[order]
     starts = np.flatnonzero(np.concatenate([[True], sorted_b[1:] != sorted_b[:-1]]))
     ends = np.concatenate([starts[1:], [sorted_b.size]])
-    taken = batch.take(pa.array(order))
+    if starts.size == 1:
+        yield int(sorted_b[0]), batch
+        return
     for s, e in zip(starts, ends):
-        yield int(sorted_b[s]), taken.slice(int(s), int(e - s))
+        yield int(sorted_b[s]), batch.take(pa.array(order[s:e]))
 
 
 def join_buckets(base_hashes: np.ndarray, num_buckets: int) -> np.ndarray:
@@ -497,6 +506,7 @@ class LayoutBucketFn(beam.DoFn):
                 pa.array(layout.group_size),
                 pa.array(layout.rank_in_size),
                 pa.array(np.full(n, bucket, dtype=np.int64)),
+                ordered.column(ELIGIBLE_SCHEMA.get_field_index("key")),
             ],
             schema=MEMBER_SCHEMA,
         )
@@ -529,8 +539,15 @@ class ConcatTriplesFn(beam.CombineFn):
 # ---------------------------------------------------------------------------
 # 5. Global ranks and the cut at k_t
 # ---------------------------------------------------------------------------
+PICKS = "picks"
+
+
 def rank_and_cut(members: pa.RecordBatch, offsets: sk.BucketOffsets, batch_size: int):
-    """Member rows -> selected rows (SELECTION_SCHEMA) with their round and rank."""
+    """Member rows -> selected rows (SELECTION_SCHEMA) with their round and rank.
+
+    Also emits, tagged PICKS, the picks' (cluster_id, round, cluster size within M,
+    order key) for the batch diagnostics: k_t rows in all, gathered on one worker.
+    """
     if members.num_rows == 0:
         return
     col = lambda name: members.column(MEMBER_SCHEMA.get_field_index(name)).to_numpy()
@@ -542,6 +559,8 @@ def rank_and_cut(members: pa.RecordBatch, offsets: sk.BucketOffsets, batch_size:
     if keep.size == 0:
         return
     idx = pa.array(keep)
+    yield beam.pvalue.TaggedOutput(PICKS, sk.PickArrays(
+        cluster=col("cluster_id")[keep], round=j[keep], size=size[keep], key=col("key")[keep]))
     yield pa.RecordBatch.from_arrays(
         [
             members.column(0).take(idx),
@@ -552,3 +571,28 @@ def rank_and_cut(members: pa.RecordBatch, offsets: sk.BucketOffsets, batch_size:
         ],
         schema=SELECTION_SCHEMA,
     )
+
+
+class ConcatPicksFn(beam.CombineFn):
+    """Concatenates the PickArrays of every bucket (k_t rows in all)."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, item):
+        acc.append(item)
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [p for acc in accs for p in acc]
+
+    def extract_output(self, acc):
+        return sk.PickArrays.concat(acc)
+
+
+def keys_below(batch: pa.RecordBatch, thresholds: Optional[np.ndarray]) -> np.ndarray:
+    """For each threshold key, how many of the batch's rows have a smaller order key."""
+    if thresholds is None or len(thresholds) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = np.sort(keys_of(batch))
+    return np.searchsorted(keys, np.asarray(thresholds, dtype=np.uint64), side="left").astype(np.int64)

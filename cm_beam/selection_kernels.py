@@ -348,3 +348,67 @@ def bottom_k(hashes: np.ndarray, values: np.ndarray, k: int) -> Tuple[np.ndarray
         return hashes, np.asarray(values)
     idx = np.argpartition(hashes, k - 1)[:k]
     return hashes[idx], np.asarray(values)[idx]
+
+
+# ---------------------------------------------------------------------------
+# Batch diagnostics: is the batch both uncertain and diverse?
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class PickArrays:
+    """Per pick: cluster_id, round-robin pass, cluster size within M, order key."""
+
+    cluster: np.ndarray
+    round: np.ndarray
+    size: np.ndarray
+    key: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence["PickArrays"]) -> "PickArrays":
+        fields = [f.name for f in dataclasses.fields(cls)]
+        dtypes = {"cluster": np.int64, "round": np.int64, "size": np.int64, "key": np.uint64}
+        return cls(**{f: (np.concatenate([getattr(p, f) for p in parts]).astype(dtypes[f]) if parts
+                          else np.zeros(0, dtypes[f])) for f in fields})
+
+
+def median_keys(keys: np.ndarray) -> np.ndarray:
+    """The key(s) whose uncertainty ranks average to the picks' median rank.
+
+    Rank is increasing in the order key, so the median rank is the rank of the middle
+    key (odd count) or the mean of the ranks of the two middle keys (even count).
+    """
+    keys = np.sort(np.asarray(keys, dtype=np.uint64))
+    n = keys.size
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    return keys[[(n - 1) // 2, n // 2]] if n % 2 == 0 else keys[[n // 2]]
+
+
+def batch_diagnostics(picks: PickArrays, keys_below_median, cluster_margin: bool) -> Dict:
+    """What the batch looks like: how uncertain (ranks) and how diverse (clusters).
+
+    picks_per_pass: picks in each round-robin pass (pass r takes member r of each
+        cluster still in play).
+    singleton_share: share of picks whose cluster has one member within M (None
+        unless Cluster-Margin, the only strategy that sizes clusters within M).
+    median_uncertainty_rank: median over picks of 1 + the number of eligible
+        examples with a smaller order key (priority, then the seeded tie hash); 1 is
+        the most uncertain. Every smaller key is in M, so the count is taken over M.
+    clusters_touched / clusters_with_multiple_picks: distinct cluster_ids among the
+        picks (unclustered examples count as their own cluster), and how many of
+        them gave more than one pick.
+    """
+    n = int(picks.cluster.size)
+    rounds = np.bincount(picks.round, minlength=1) if n else np.zeros(0, np.int64)
+    if n:
+        _, per_cluster = np.unique(picks.cluster, return_counts=True)
+    else:
+        per_cluster = np.zeros(0, np.int64)
+    below = np.asarray(keys_below_median if keys_below_median is not None else [], dtype=np.int64)
+    return {
+        "picks": n,
+        "picks_per_pass": [int(c) for c in rounds],
+        "singleton_share": (round(float((picks.size == 1).mean()), 6) if n else None) if cluster_margin else None,
+        "median_uncertainty_rank": float(np.mean(below + 1)) if n and below.size else None,
+        "clusters_touched": int(per_cluster.size),
+        "clusters_with_multiple_picks": int((per_cluster > 1).sum()),
+    }

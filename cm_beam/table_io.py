@@ -142,9 +142,11 @@ def read_unit(unit: Tuple[str, str, int], columns: Optional[Sequence[str]], bloc
     else:
         table = _read_csv(path, columns)
     table = _normalise(table, path)
-    for batch in table.to_batches(max_chunksize=block_rows):
-        if batch.num_rows:
-            yield batch
+    batches = [b for b in table.to_batches(max_chunksize=block_rows) if b.num_rows]
+    for batch in batches:
+        # A block that is a slice of a larger row group is copied into its own
+        # buffers: pickled as a slice, it would carry the whole row group.
+        yield pa.concat_batches([batch]) if len(batches) > 1 else batch
 
 
 class ReadTableBlocks(beam.PTransform):

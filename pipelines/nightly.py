@@ -350,6 +350,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "selection": nw.selection_glob(batch_dir),
         "stages": progress.stages,
         "counts": selection.get("counts", {}),
+        "batch_diagnostics": selection.get("batch_diagnostics"),
         "exclude": list(args.exclude),
         "auto_excluded_batches": progress.stages["select"]["auto_excluded"],
         "embeddings": embeddings.path,
@@ -405,6 +406,10 @@ def _print_summary(summary) -> None:
     print(f"cm-nightly: batch {summary['batch_name']}: {c.get('selected')} examples -> {summary['selection']} "
           f"(pool {c.get('pool')}, excluded {c.get('excluded')}, earlier batches auto-excluded "
           f"{len(summary['auto_excluded_batches'])}); {summary['wall_seconds']:.1f} s")
+    if summary.get("batch_diagnostics"):
+        from pipelines.select_batch import describe_diagnostics
+
+        print(f"cm-nightly: batch: {describe_diagnostics(summary['batch_diagnostics'])}")
     if summary.get("report"):
         print(f"cm-nightly: report: {', '.join(summary['report']['plots'])}")
 

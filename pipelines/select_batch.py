@@ -180,6 +180,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         "rounds": stats["rounds"],
         "candidate_cluster_size_histogram": stats["candidate_cluster_size_histogram"],
         "batch_smaller_than_requested": stats["batch_smaller_than_requested"],
+        "batch_diagnostics": stats["batch_diagnostics"],
         "notes": (["batch_size exceeds the candidates: all candidates were selected"]
                   if stats["batch_smaller_than_requested"] else []),
         "outputs": {"selection": "selection-*.parquet", "rejected": "rejected-*.parquet"},
@@ -201,8 +202,22 @@ def _print_summary(manifest) -> None:
         f"{manifest['rounds']} rounds); pool {c['pool']}, excluded {c['excluded']}, rejected {c['rejected']}, "
         f"unclustered candidates {c['unclustered']}; {manifest['timings']['wall_seconds']:.1f}s"
     )
+    d = manifest.get("batch_diagnostics")
+    if d and d["picks"]:
+        print(f"cm-select: batch: {describe_diagnostics(d)}")
     for note in manifest["notes"]:
         print(f"cm-select: note: {note}")
+
+
+def describe_diagnostics(d) -> str:
+    """One line on how uncertain and how diverse a batch is (manifest's batch_diagnostics)."""
+    parts = [f"picks per pass {d['picks_per_pass']}"]
+    if d.get("singleton_share") is not None:
+        parts.append(f"{100 * d['singleton_share']:.1f}% from clusters of size 1 in M")
+    if d.get("median_uncertainty_rank") is not None:
+        parts.append(f"median uncertainty rank {d['median_uncertainty_rank']:.0f} (M = {d['margin_pool_size']})")
+    parts.append(f"{d['clusters_touched']} clusters touched, {d['clusters_with_multiple_picks']} with more than one pick")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -285,3 +285,15 @@ def test_report_numbers_equal_a_direct_count(tmp_path):
     assert numbers["batch_max_picks_per_cluster"] == int(np.bincount(cluster[chosen]).max())
     paths = report.plot(numbers, str(tmp_path / "plots"))
     assert all(os.path.getsize(p) > 5000 for p in paths)
+
+
+def test_report_and_summary_show_the_batch_diagnostics(first_night, capsys):
+    summary = first_night["summary"]
+    diagnostics = artifacts.read_manifest(summary["batch_dir"])["batch_diagnostics"]
+    assert diagnostics["picks"] == BATCH == sum(diagnostics["picks_per_pass"])
+    assert artifacts.read_json(summary["report"]["numbers"])["batch_diagnostics"] == diagnostics
+    assert summary["batch_diagnostics"] == diagnostics
+    nightly._print_summary(summary)
+    out = capsys.readouterr().out
+    assert f"cm-nightly: batch: picks per pass {diagnostics['picks_per_pass']}" in out
+    assert f"{diagnostics['clusters_touched']} clusters touched" in out

@@ -13,6 +13,8 @@ from cm_beam.errors import InputError
 from cm_beam.synthetic_pool import make_pool, write_sharded
 from conftest import DATAFLOW_DRY_RUN, beam_args
 from pipelines import select_batch
+from cm_beam.hashing import hash_ids
+from cm_beam.select_impl import TIE_SALT
 from reference_cluster_margin import reference_select
 
 
@@ -104,6 +106,62 @@ def test_round_robin_shape_and_smallest_clusters_last_pass(pool, tmp_path):
     got_last = [(m, c) for m, c in eligible_last if picked.get(c, 0) == last + 1]
     assert got_last == eligible_last[: len(got_last)]
     assert len(got_last) == batch_size - sum(min(m, last) for m in size_in_m.values())
+
+
+def reference_diagnostics(pool, batch_size, k_m, seed=0, strategy="cluster_margin"):
+    """The batch diagnostics by plain numpy on the reference's batch and margin pool."""
+    picks = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], batch_size, k_m,
+                             seed=seed, strategy=strategy)
+    m_pool = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], k_m, k_m, seed=seed,
+                              strategy="margin")  # M: the k_m most uncertain, each its own pick
+    excluded = set(pool["excluded"])
+    eligible = [e for e in pool["score_map"] if e not in excluded]
+    priority = np.array([pool["score_map"][e] for e in eligible], dtype=np.float32).astype(np.float64)
+    tie = (hash_ids(eligible, seed, TIE_SALT) >> np.uint64(32)).astype(np.float64)
+    where = {e: i for i, e in enumerate(eligible)}
+    ranks = []
+    for e, _, _ in picks:
+        i = where[e]
+        ranks.append(1 + int(((priority < priority[i]) | ((priority == priority[i]) & (tie < tie[i]))).sum()))
+    m_clusters, m_sizes = np.unique([c for _, c, _ in m_pool], return_counts=True)
+    size_in_m = dict(zip(m_clusters.tolist(), m_sizes.tolist()))
+    pick_clusters, per_cluster = np.unique([c for _, c, _ in picks], return_counts=True)
+    return {
+        "picks": len(picks),
+        "picks_per_pass": np.bincount([r for _, _, r in picks]).tolist(),
+        "singleton_share": (float(np.mean([size_in_m[c] == 1 for _, c, _ in picks]))
+                            if strategy == "cluster_margin" else None),
+        "median_uncertainty_rank": float(np.median(ranks)) if strategy != "random" else None,
+        "clusters_touched": int(pick_clusters.size),
+        "clusters_with_multiple_picks": int((per_cluster > 1).sum()),
+    }
+
+
+@pytest.mark.parametrize("batch_size,k_m,seed,strategy", [
+    (300, 1200, 0, "cluster_margin"), (101, 404, 7, "cluster_margin"), (150, 150, 5, "margin"), (150, 150, 5, "random")])
+def test_batch_diagnostics_match_numpy(pool, tmp_path, batch_size, k_m, seed, strategy):
+    manifest, _ = run_select(pool, tmp_path / "out", batch_size,
+                             extra=["--margin_pool_size", str(k_m), "--seed", str(seed), "--strategy", strategy])
+    got = dict(manifest["batch_diagnostics"])
+    expected = reference_diagnostics(pool, batch_size, k_m, seed, strategy)
+    assert got.pop("margin_pool_size") == (k_m if strategy == "cluster_margin" else batch_size)
+    share, want_share = got.pop("singleton_share"), expected.pop("singleton_share")
+    assert (share is None) == (want_share is None)
+    if want_share is not None:
+        assert share == pytest.approx(want_share, abs=1e-6)
+    assert got == expected
+    if strategy == "cluster_margin":
+        # The pool needs several passes and mixes clusters of every kind, so each figure is tested.
+        assert len(expected["picks_per_pass"]) > 1 and 0 < want_share < 1
+        assert expected["clusters_with_multiple_picks"] > 0
+
+
+def test_batch_diagnostics_with_two_workers(pool, tmp_path):
+    manifest, _ = run_select(pool, tmp_path / "out", 300, workers=2, extra=["--margin_pool_size", "1200"])
+    expected = reference_diagnostics(pool, 300, 1200)
+    got = manifest["batch_diagnostics"]
+    assert got["median_uncertainty_rank"] == expected["median_uncertainty_rank"]
+    assert got["picks_per_pass"] == expected["picks_per_pass"]
 
 
 @pytest.mark.parametrize("strategy", ["margin", "random"])

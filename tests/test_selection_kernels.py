@@ -134,3 +134,13 @@ def test_prune_digit_keeps_every_key_of_the_k_smallest_and_no_more_bins(k):
     assert (digits < d).sum() < k, "the digit is the smallest that suffices"
     assert sk.prune_digit(np.bincount(digits, minlength=sk.RADIX_BINS), 3001) is None
     assert sk.prune_digit(None, k) is None
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10])
+def test_median_keys_give_the_median_rank(n):
+    rng = np.random.default_rng(n)
+    pool = rng.permutation(np.arange(1000, dtype=np.uint64) * np.uint64(3))  # distinct keys
+    picks = rng.choice(pool, n, replace=False)
+    ranks = [1 + int((pool < k).sum()) for k in picks]
+    below = [int((pool < k).sum()) for k in sk.median_keys(picks)]
+    assert np.mean(np.asarray(below) + 1) == np.median(ranks)
