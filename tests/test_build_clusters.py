@@ -69,6 +69,7 @@ def cm_cluster(pattern, out_dir, eps, *flags, workers=1):
                                *map(str, flags)] + beam_args(workers))
 
 
+@pytest.mark.slow  # the same exactness at kernel level runs fast: test_hac_kernels.py
 def test_exact_partition_equals_scipy_with_all_pairs_as_candidates(tmp_path):
     """k = n - 1: every pair is a candidate, so the partition must be scipy's exactly.
     Several eps per metric in one pipeline; some run distributed rounds, others the
@@ -181,6 +182,7 @@ def test_ivf_recall_against_exact(tmp_path):
     assert result["recall"]["recall_queries"] == len(sample_rows)
 
 
+@pytest.mark.slow
 def test_exact_knn_graph_equals_brute_force(tmp_path):
     """Exact mode (own-shard lists, bounded pair candidates, per-shard merge) gives
     each point exactly its brute-force top-k within max_dist, in 2 worker processes."""
@@ -232,6 +234,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     assert manifest["counts"]["rejected"] == 2
 
 
+@pytest.mark.slow
 def test_ragged_and_duplicate_ids_fail_without_manifest(tmp_path):
     out = tmp_path / "out"
     x = blobs(200, seed=7)
@@ -292,6 +295,7 @@ def test_flag_and_directory_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o3" / "manifest.json")
 
 
+@pytest.mark.slow
 def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     x = blobs(1200, k=12, seed=9)
     ids = ids_for(len(x))
@@ -310,6 +314,7 @@ def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     assert 1 < len(np.unique(l1)) < len(x)
 
 
+@pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
     from cm_beam.runner import JobNotExecuted

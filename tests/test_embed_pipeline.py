@@ -260,6 +260,7 @@ def test_manifest_pool_matches_predict_and_rejects_bad_files(tmp_path, models, i
     assert manifest["parameters"]["image_size"] == SIZE and manifest["model"]["embedding_layer"] == "emb"
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_give_identical_output(tmp_path, models, manifest_pool):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(manifest_pool, models["classifier"], one, "--inference_batch_size", "8")

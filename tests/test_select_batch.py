@@ -114,6 +114,7 @@ def test_margin_and_random_match_reference(pool, tmp_path, strategy):
     assert as_rows(table) == expected
 
 
+@pytest.mark.slow
 def test_same_batch_with_one_and_two_workers(pool, tmp_path):
     _, one = run_select(pool, tmp_path / "w1", 200, workers=1, extra=["--seed", "11"])
     _, two = run_select(pool, tmp_path / "w2", 200, workers=2, extra=["--seed", "11"])
@@ -235,6 +236,7 @@ def test_invalid_flags_fail_naming_the_flag(pool, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
     from cm_beam.runner import JobNotExecuted
@@ -246,6 +248,7 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_rows_pruned_before_the_join_are_still_checked_and_counted(tmp_path):
     """The bound that prunes scores before the join must leave the batch and every count
     as without it, even when the exclusions are exactly the most uncertain rows."""
