@@ -1,7 +1,7 @@
 """BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance.
 
-The Cluster-Margin clustering step (DESIGN.md section 3) as one Beam PTransform, in
-the style of TFDV's stats_api:
+The Cluster-Margin clustering step (docs/design.md, "Clustering: average-linkage
+HAC at scale") as one Beam PTransform, in the style of TFDV's stats_api:
 
     clusters = (
         pipeline
@@ -386,8 +386,9 @@ class BuildClusters(beam.PTransform):
     Output: dict of PCollections
       "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64),
       "rejected": pa.RecordBatch (example_id, reason),
-      "summary":  one dict (see the manifest in README: n, clusters, size_histogram,
-                  rounds, per-round merges/active clusters, knn_recall, input_fingerprint).
+      "summary":  one dict (see docs/reference.md, "cm-cluster manifest.json": n,
+                  clusters, size_histogram, rounds, per-round merges/active clusters,
+                  knn_recall, input_fingerprint).
 
     `max_points`, when the caller knows an upper bound on the pool size, lets small
     pools skip the unrolled distributed rounds (n * k <= max_inmemory_edges).

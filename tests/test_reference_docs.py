@@ -224,6 +224,40 @@ def test_the_checks_catch_a_missing_flag_and_a_missing_field():
         check_fields("cm-select manifest.json", {"undocumented_field": 1}, "a manifest")
 
 
+# --- references to the design document --------------------------------------------
+
+DESIGN = os.path.join(ROOT, "docs", "design.md")
+
+
+def test_design_references_name_existing_sections():
+    """Code and README cite docs/design.md by section name ("The margin pool"): every
+    name quoted right after such a citation (up to the closing parenthesis) must be a
+    heading of docs/design.md, and nothing may cite the old DESIGN.md."""
+    headings = set(_sections(DESIGN))
+    files = [os.path.join(ROOT, "README.md")]
+    for sub in ("cm_beam", "pipelines", "tests", "benchmarks", "deploy"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, sub)):
+            files += [os.path.join(dirpath, n) for n in names if n.endswith((".py", ".md", ".sh", ".yaml"))]
+    problems, cited = [], 0
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        rel = os.path.relpath(path, ROOT)
+        if os.path.abspath(path) == os.path.abspath(__file__):
+            continue  # this test names the old file on purpose
+        if re.search(r"(?<![\w/])DESIGN\.md", text):
+            problems.append(f"{rel} cites DESIGN.md; cite docs/design.md and a section name")
+        flat = re.sub(r"\s*\n\s*(?:#\s*)?", " ", text)  # join lines, drop comment markers
+        for m in re.finditer(r"docs/design\.md", flat):
+            end = flat.find(")", m.end())
+            for name in re.findall(r'"([^"]+)"', flat[m.end(): end if end >= 0 else m.end() + 200]):
+                cited += 1
+                if name not in headings:
+                    problems.append(f"{rel} cites docs/design.md section {name!r}, which is not a heading of it")
+    assert not problems, "\n".join(problems)
+    assert cited >= 5  # the check above saw the citations
+
+
 def print_tables() -> None:
     for command in COMMANDS:
         print(f"## {command} flags\n\n| flag | default | meaning |\n|---|---|---|")
