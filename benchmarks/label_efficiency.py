@@ -702,7 +702,7 @@ def parse_args(argv=None):
     if args.readme is None:
         # Only an explicit report rewrites README.md: a background run must not race
         # with the other engineers' edits of the file.
-        args.readme = os.path.join(ROOT, "README.md") if args.report_only and not args.quick else ""
+        args.readme = os.path.join(ROOT, "benchmarks", "README.md") if args.report_only and not args.quick else ""
     return args
 
 
