@@ -2,10 +2,14 @@
 
 from setuptools import find_packages, setup
 
+# The Beam version, written once: the core dependency, the gcp extra and the Dataflow
+# worker image (deploy/dataflow/Dockerfile, FROM apache/beam_python3.11_sdk:2.77.0) agree.
+BEAM = "apache-beam>=2.77,<2.78"
 TENSORFLOW_CPU = "tensorflow-cpu>=2.16,<2.22"
-BEAM_GCP = "apache-beam[gcp]>=2.77,<2.78"
+REPORT = ["matplotlib>=3.7"]
 DASK = ["dask>=2024.1", "distributed>=2024.1"]
 AIRFLOW = ["apache-airflow>=3.0", "apache-airflow-providers-apache-beam>=6.0"]
+GCP = [BEAM.replace("apache-beam", "apache-beam[gcp]", 1)]
 
 setup(
     name="cm-beam",
@@ -19,12 +23,12 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cm_beam", "cm_beam.*", "pipelines", "pipelines.*"]),
     install_requires=[
-        "apache-beam>=2.77,<2.78",
-        "numpy>=1.24",
-        "scipy>=1.10",
-        "pyarrow>=14",
-        # The nightly job's report (PNG plots) and the demo pool's drawn images.
-        "matplotlib>=3.7",
+        BEAM,
+        # Bounded like apache-beam 2.77 bounds them (its own requirements), so pip never
+        # picks a numpy or pyarrow Beam was not released against.
+        "numpy>=1.24,<2.5.0",
+        "pyarrow>=14,<26.0.0",
+        # The demo pool's drawn images (cm_beam/demo_pool.py).
         "pillow>=9",
     ],
     extras_require={
@@ -32,18 +36,24 @@ setup(
         # `cpu` for laptops and CPU workers, `gpu` for GPU workers (Dataflow).
         "cpu": [TENSORFLOW_CPU],
         "gpu": ["tensorflow[and-cuda]>=2.16,<2.22"],
+        # The nightly job's report (PNG plots; on by default with --demo).
+        "report": REPORT,
+        # What `make demo` installs: the embedding stage and the report.
+        "demo": [TENSORFLOW_CPU, *REPORT],
         # Submitting to Dataflow (and building a job offline with --dry_run=True).
-        "gcp": [BEAM_GCP],
+        "gcp": GCP,
         # Beam's DaskRunner against a dask cluster.
         "dask": DASK,
         # The nightly DAG in deploy/airflow.
         "airflow": AIRFLOW,
         "test": [
             TENSORFLOW_CPU,
-            BEAM_GCP,
+            *REPORT,
+            *GCP,
             *DASK,
             *AIRFLOW,
             "pytest>=7",
+            "scipy>=1.10",  # the exact HAC reference
             "fastcluster>=1.2",
             "scikit-learn>=1.3",
             "pyyaml>=6",

@@ -748,7 +748,8 @@ def write_report(results_dir: str, config: Config, settings, strategies, seeds, 
         note = f"{done}/{len(strategies) * len(seeds)} curves complete"
         path = os.path.join(results_dir, f"label_efficiency_{entry['name']}.png")
         plot(entry, path, note)
-        plot_paths[entry["name"]] = os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
+        # Links relative to the README that shows them (benchmarks/README.md by default).
+        plot_paths[entry["name"]] = os.path.relpath(path, os.path.dirname(readme_path)) if readme_path else path
     if readme_path:
         update_readme(readme_path, readme_section(result, details, config, targets, seeds, strategies, plot_paths))
     return {"result": result, "details": details}
@@ -817,7 +818,7 @@ def parse_args(argv=None):
     if args.readme is None:
         # Only an explicit report rewrites the README: a background run must not race
         # with the other engineers' edits of the file.
-        args.readme = os.path.join(ROOT, "README.md") if args.report_only and not args.quick else ""
+        args.readme = os.path.join(ROOT, "benchmarks", "README.md") if args.report_only and not args.quick else ""
     return args
 
 

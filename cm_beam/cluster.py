@@ -1,8 +1,8 @@
 """BuildClusters: average-linkage HAC of a pool of embeddings, cut at a distance, a target
 mean cluster size or a number of clusters.
 
-The Cluster-Margin clustering step (DESIGN.md section 3) as one Beam PTransform, in
-the style of TFDV's stats_api:
+The Cluster-Margin clustering step (docs/design.md, "Clustering: average-linkage
+HAC at scale") as one Beam PTransform, in the style of TFDV's stats_api:
 
     clusters = (
         pipeline
@@ -473,8 +473,9 @@ class BuildClusters(beam.PTransform):
       "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64),
       "merges":   pa.RecordBatch (hierarchy.MERGES_SCHEMA), every merge up to max_distance,
       "rejected": pa.RecordBatch (example_id, reason),
-      "summary":  one dict (see the manifest in README: n, clusters, size_histogram,
-                  rounds, per-round merges/active clusters, knn_recall, input_fingerprint).
+      "summary":  one dict (see docs/reference.md, "cm-cluster manifest.json": n,
+                  clusters, size_histogram, rounds, per-round merges/active clusters,
+                  knn_recall, input_fingerprint).
 
     `max_points`, when the caller knows an upper bound on the pool size, lets small
     pools skip the unrolled distributed rounds (n * k <= max_inmemory_edges).

@@ -18,11 +18,11 @@ Model contract (checked by `check_model` before any image is read):
   logits or a missing `--multilabel` fail at once rather than after hours.
 
 `KerasModelHandler` is a Beam `ModelHandler` of ours (Beam's TensorFlow handler
-imports tensorflow_hub, which does not import under TF 2.21, see DESIGN.md 5): it
-loads the model once per worker process (RunInference keeps it in Beam's
-per-process `Shared` cache), takes pre-batched blocks of decoded images and runs one
-compiled model call per block. `score_block` turns a block's outputs into the
-output rows with `cm_beam.uncertainty`.
+imports tensorflow_hub, which does not import under TF 2.21; docs/design.md, "Data
+contracts", the model contract): it loads the model once per worker process
+(RunInference keeps it in Beam's per-process `Shared` cache), takes pre-batched
+blocks of decoded images and runs one compiled model call per block. `score_block`
+turns a block's outputs into the output rows with `cm_beam.uncertainty`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `SelectBatch` takes per-example uncertainty scores, cluster assignments and
 exclusion lists (each a PCollection of `pa.RecordBatch`) and returns the next
-labeling batch, exactly as Cluster-Margin defines it (DESIGN.md section 2):
+labeling batch, exactly as Cluster-Margin defines it (docs/design.md, "The margin
+pool" and "Cluster-Margin round robin"):
 
 1. M = the `margin_pool_size` (k_m) most uncertain examples that are not excluded;
    ties in the score are broken by a seeded hash of example_id (its upper 32 bits),

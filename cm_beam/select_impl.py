@@ -35,8 +35,9 @@ from cm_beam import uncertainty as unc
 from cm_beam.errors import InputError
 from cm_beam.hashing import derive, id_hash
 
-# Salts separate the independent uses of the seed (DESIGN.md: ties and picks are
-# different seeded permutations; join buckets and synthetic ids do not depend on it).
+# Salts separate the independent uses of the seed (docs/design.md, "Determinism and
+# hashing"): ties and picks are different seeded permutations; join buckets and
+# synthetic ids do not depend on it.
 TIE_SALT = 1
 PICK_SALT = 2
 JOIN_SALT = 3

@@ -1,8 +1,9 @@
 """The math of Cluster-Margin selection as pure numpy functions (no Beam).
 
-Cluster-Margin (Citovsky et al. 2021; DESIGN.md section 2) picks a batch in two
-cuts, and both are computed here from *small aggregates* so that the Beam stages
-never gather the candidates on one worker:
+Cluster-Margin (Citovsky et al. 2021; docs/design.md, "The margin pool" and
+"Cluster-Margin round robin") picks a batch in two cuts, and both are computed
+here from *small aggregates* so that the Beam stages never gather the candidates
+on one worker:
 
 1. The margin-pool cut: M = the k_m most uncertain eligible examples. Each example
    gets a uint64 `order_key` (float32 priority bits, order-preserving, in the high
@@ -140,7 +141,8 @@ def prune_digit(first_digit_hist, k: int):
     The returned digit d is the smallest with at least k rows at or below it. With
     k = k_m + (number of exclusion rows), at least k_m of those rows are eligible, so
     every key of the margin pool has a first digit <= d: rows above d can be dropped
-    before the join (DESIGN.md's margin-pool cut is unchanged, only cheaper).
+    before the join (the cut of docs/design.md, "The margin pool", is unchanged, only
+    cheaper).
     """
     if first_digit_hist is None:
         return None

@@ -1,7 +1,7 @@
 """Uncertainty scores of model outputs, as pure numpy functions (no Beam).
 
 All functions take a 2-D array of probabilities, one row per example, and return
-one float per row. Conventions (DESIGN.md section 2):
+one float per row. Conventions (docs/design.md, "Uncertainty scores"):
 
 * `margin` (multi-class): p(top1) - p(top2). Small = uncertain.
 * `multilabel_margin`: per class |2 p_c - 1| (the margin of each independent binary

@@ -1,9 +1,10 @@
 """A plain, deliberately simple Cluster-Margin: the independent reference for cm-select.
 
-It follows DESIGN.md section 2 step by step with Python lists and dicts, sharing
-nothing with cm_beam's implementation except the *definition* of the seeded
-tie-break and pick order (cm_beam.hashing with the salts of the spec), which is
-part of the specification of a deterministic batch, not of the algorithm.
+It follows docs/design.md ("The margin pool", "Cluster-Margin round robin") step by
+step with Python lists and dicts, sharing nothing with cm_beam's implementation
+except the *definition* of the seeded tie-break and pick order (cm_beam.hashing with
+the salts of the spec), which is part of the specification of a deterministic batch,
+not of the algorithm.
 """
 
 from __future__ import annotations

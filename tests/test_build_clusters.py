@@ -20,32 +20,16 @@ from cm_beam.cluster import CLUSTERS_SCHEMA, BuildClusters
 from cm_beam.errors import InputError
 from cm_beam.knn_graph import KnnGraph
 from pipelines import build_clusters
-from tests.conftest import DATAFLOW_DRY_RUN, beam_args
+from tests.conftest import DATAFLOW_DRY_RUN, beam_args, gaussian_blobs, write_embeddings
 from tests.test_hac_kernels import gap_thresholds, same_partition
 
 
 def blobs(n=1500, d=16, k=15, spread=0.35, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d))
-    return (centers[rng.integers(0, k, n)] + spread * rng.normal(size=(n, d))).astype(np.float32)
+    return gaussian_blobs(n, d, k, spread, seed).astype(np.float32)
 
 
 def ids_for(n):
     return [f"img-{i:05d}" for i in range(n)]
-
-
-def write_pool(directory, x, ids, files=3, row_group=256, fixed=False):
-    os.makedirs(directory, exist_ok=True)
-    bounds = np.linspace(0, len(x), files + 1).astype(int)
-    for f in range(files):
-        sl = slice(bounds[f], bounds[f + 1])
-        values = pa.array(x[sl].ravel(), pa.float32())
-        emb = pa.FixedSizeListArray.from_arrays(values, x.shape[1])
-        if not fixed:
-            emb = emb.cast(pa.list_(pa.float32()))
-        pq.write_table(pa.table({"example_id": ids[sl], "embedding": emb}),
-                       os.path.join(directory, f"part-{f}.parquet"), row_group_size=row_group)
-    return os.path.join(directory, "*.parquet")
 
 
 def read_labels(out_dir, ids):
@@ -69,6 +53,7 @@ def cm_cluster(pattern, out_dir, eps, *flags, workers=1):
                                *map(str, flags)] + beam_args(workers))
 
 
+@pytest.mark.slow  # the same exactness at kernel level runs fast: test_hac_kernels.py
 def test_exact_partition_equals_scipy_with_all_pairs_as_candidates(tmp_path):
     """k = n - 1: every pair is a candidate, so the partition must be scipy's exactly.
     Several eps per metric in one pipeline; some run distributed rounds, others the
@@ -127,7 +112,7 @@ def test_default_flags_quality_and_manifest(tmp_path):
     """Default k on clusters bigger than k: ARI >= 0.95 against exact HAC; manifest contract."""
     x = blobs(1500, k=5, spread=0.5, seed=2)
     ids = ids_for(len(x))
-    pattern = write_pool(str(tmp_path / "in"), x, ids, fixed=True)
+    pattern = write_embeddings(str(tmp_path / "in"), x, ids, fixed=True)
     z = scipy_reference(x, "cosine")
     eps = gap_thresholds(z[:, 2], [0.3])[0]
     manifest = cm_cluster(pattern, tmp_path / "out", eps)
@@ -181,6 +166,7 @@ def test_ivf_recall_against_exact(tmp_path):
     assert result["recall"]["recall_queries"] == len(sample_rows)
 
 
+@pytest.mark.slow
 def test_exact_knn_graph_equals_brute_force(tmp_path):
     """Exact mode (own-shard lists, bounded pair candidates, per-shard merge) gives
     each point exactly its brute-force top-k within max_dist, in 2 worker processes."""
@@ -218,7 +204,7 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     x[3] = np.nan
     x[7, 2] = np.inf
     x[11] = 0.0
-    pattern = write_pool(str(tmp_path / "in"), x, ids, files=2)
+    pattern = write_embeddings(str(tmp_path / "in"), x, ids, files=2)
     manifest = cm_cluster(pattern, tmp_path / "out", 0.2)
     rejected = table_io.read_table(str(tmp_path / "out" / "rejected-*.parquet"))
     assert dict(zip(rejected.column("example_id").to_pylist(), rejected.column("reason").to_pylist())) == {
@@ -232,11 +218,12 @@ def test_bad_rows_are_rejected_with_reasons(tmp_path):
     assert manifest["counts"]["rejected"] == 2
 
 
+@pytest.mark.slow
 def test_ragged_and_duplicate_ids_fail_without_manifest(tmp_path):
     out = tmp_path / "out"
     x = blobs(200, seed=7)
     ids = ids_for(len(x))
-    good = write_pool(str(tmp_path / "good"), x, ids, files=1)
+    good = write_embeddings(str(tmp_path / "good"), x, ids, files=1)
     cm_cluster(good, out, 0.2)
     assert artifacts.read_manifest(str(out)) is not None
     # Ragged: named by example_id; the old manifest is gone, no new one.
@@ -257,7 +244,7 @@ def test_ragged_and_duplicate_ids_fail_without_manifest(tmp_path):
         cm_cluster(str(ragged_dir / "*.parquet"), out, 0.2, "--overwrite", workers=2)
     # Duplicate ids across files.
     dup_dir = tmp_path / "dup"
-    write_pool(str(dup_dir), x, ids[:100] + ids[:100], files=2)
+    write_embeddings(str(dup_dir), x, ids[:100] + ids[:100], files=2)
     with pytest.raises(InputError, match=r"duplicate example_id 'img-000"):
         cm_cluster(str(dup_dir / "*.parquet"), out, 0.2, "--overwrite")
     # More candidate edges than one worker may finish in memory, with no rounds left.
@@ -270,7 +257,7 @@ def test_ragged_and_duplicate_ids_fail_without_manifest(tmp_path):
 def test_flag_and_directory_errors(tmp_path, capsys):
     x = blobs(50, seed=8)
     ids = ids_for(len(x))
-    pattern = write_pool(str(tmp_path / "in"), x, ids, files=1)
+    pattern = write_embeddings(str(tmp_path / "in"), x, ids, files=1)
     out = tmp_path / "out"
     os.makedirs(out)
     (out / "stale.txt").write_text("x")
@@ -292,12 +279,13 @@ def test_flag_and_directory_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "o3" / "manifest.json")
 
 
+@pytest.mark.slow
 def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     x = blobs(1200, k=12, seed=9)
     ids = ids_for(len(x))
-    a = write_pool(str(tmp_path / "a"), x, ids, files=1, row_group=1200)
+    a = write_embeddings(str(tmp_path / "a"), x, ids, files=1, row_group=1200)
     perm = np.random.default_rng(0).permutation(len(x))
-    b = write_pool(str(tmp_path / "b"), x[perm], [ids[i] for i in perm], files=4, row_group=100)
+    b = write_embeddings(str(tmp_path / "b"), x[perm], [ids[i] for i in perm], files=4, row_group=100)
     m1 = cm_cluster(a, tmp_path / "o1", 0.3, "--num_shards", "4", workers=1)
     # Other files, order, shards and worker count; distributed rounds instead of in memory.
     m2 = cm_cluster(b, tmp_path / "o2", 0.3, "--num_shards", "7", "--max_inmemory_edges", "15000",
@@ -310,6 +298,7 @@ def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
     assert 1 < len(np.unique(l1)) < len(x)
 
 
+@pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
     from cm_beam.runner import JobNotExecuted

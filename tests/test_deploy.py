@@ -287,6 +287,7 @@ def _renderer(context):
         return lambda text: re.sub(r"\{\{(.*?)\}\}", one, text)
 
 
+@pytest.mark.slow
 def test_airflow_dag_loads_and_renders_a_valid_cm_nightly_command(monkeypatch, tmp_path):
     module, mode = _load_dag(monkeypatch, tmp_path)
     dag = module.dag

@@ -10,17 +10,13 @@ import keras  # noqa: E402
 
 from cm_beam import keras_model_handler as kmh
 from cm_beam.errors import InputError
+from tests.conftest import keras_trunk
 
 SIZE = 16
 
 
 def _trunk():
-    inputs = keras.Input((SIZE, SIZE, 3), name="image")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dense(6, activation="relu", name="emb")(x)
-    return inputs, x
+    return keras_trunk(SIZE, scale=1 / 255.0, filters=4, emb_units=6, emb_activation="relu")
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from cm_beam.errors import InputError
 from cm_beam.image_sources import inspect_pool, ReadImagePool
 from cm_beam.keras_model_handler import output_schema
 from pipelines import embed_pool
-from tests.conftest import beam_args
+from tests.conftest import beam_args, keras_trunk
 
 SIZE = 16
 ATOL = 1e-5
@@ -38,12 +38,7 @@ ATOL = 1e-5
 
 
 def _trunk():
-    inputs = keras.Input((SIZE, SIZE, 3), name="image")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)
-    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dense(8, activation="tanh", name="emb")(x)
-    return inputs, x
+    return keras_trunk(SIZE, scale=1 / 127.5, offset=-1, filters=6, emb_units=8, emb_activation="tanh")
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +255,7 @@ def test_manifest_pool_matches_predict_and_rejects_bad_files(tmp_path, models, i
     assert manifest["parameters"]["image_size"] == SIZE and manifest["model"]["embedding_layer"] == "emb"
 
 
+@pytest.mark.slow
 def test_one_and_two_workers_give_identical_output(tmp_path, models, manifest_pool):
     one, two = tmp_path / "one", tmp_path / "two"
     _run(manifest_pool, models["classifier"], one, "--inference_batch_size", "8")

@@ -7,12 +7,11 @@ from scipy.spatial.distance import cdist
 
 from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
+from tests.conftest import gaussian_blobs
 
 
 def _blobs(n=240, d=10, k=12, spread=0.35, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d))
-    return centers[rng.integers(0, k, n)] + spread * rng.normal(size=(n, d))
+    return gaussian_blobs(n, d, k, spread, seed)
 
 
 def _prepare(x, metric):

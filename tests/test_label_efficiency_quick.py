@@ -16,6 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+# The whole active-learning loop (TensorFlow training every round).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 

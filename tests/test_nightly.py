@@ -61,6 +61,7 @@ def same_night_flags(first_night):
             "--seed", "3"] + FN
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(first_night):
     summary, demo = first_night["summary"], first_night["demo"]
     assert summary["status"] == "complete"
@@ -89,6 +90,7 @@ def test_demo_runs_every_stage_and_writes_the_report(first_night):
     assert artifacts.read_json(os.path.join(summary["batch_dir"], nw.NIGHTLY_SUMMARY))["batch_name"] == "day1"
 
 
+@pytest.mark.slow
 def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, capsys):
     work, demo, day1 = first_night["work"], first_night["demo"], first_night["batch"]
     base = same_night_flags(first_night)
@@ -117,6 +119,7 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
     assert not set(batch3) & (set(day1) | set(batch2) | set(ids_of(demo["labeled"])))
 
 
+@pytest.mark.slow
 def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch, capsys):
     from cm_beam import cluster as cluster_module
     from pipelines import select_batch
@@ -182,6 +185,7 @@ def test_flags_fail_before_any_work(tmp_path):
     assert args.recluster is False
 
 
+@pytest.mark.slow
 def test_main_prints_a_summary_per_stage_and_errors_name_the_flag(first_night, capsys):
     with pytest.raises(SystemExit) as exit_info:
         nightly.main(same_night_flags(first_night) + ["--batch_name", "bad/name"])
@@ -206,6 +210,7 @@ def test_work_dir_helpers():
     assert nw.pool_key("gs://b/pool/*.csv", None) == nw.pool_key("gs://b/pool/*.csv/", None) != nw.pool_key("gs://b/p2/*", None)
 
 
+@pytest.mark.slow
 def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night, tmp_path):
     """Last in this file: it grows the first night's pool in place (the same --pool, as a real pool grows)."""
     import keras

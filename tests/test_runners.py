@@ -29,6 +29,9 @@ from cm_beam import nightly as nw
 from cm_beam import runner as cm_runner
 from pipelines import nightly
 
+# Whole nightly jobs on Dask, portable and multi-process runners.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 POOL_SIZE = 120

@@ -21,6 +21,9 @@ from cm_beam import artifacts
 from cm_beam.errors import InputError
 from conftest import DATAFLOW_DRY_RUN, DATAFLOW_IMAGE
 
+# Dataflow dry runs: each stage's job translated for Dataflow.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("apache_beam.runners.dataflow.internal.apiclient")
 pytest.importorskip("google.cloud.dataflow_v1beta3")
 

@@ -11,32 +11,11 @@ import pytest
 from cm_beam import table_io
 from cm_beam.errors import InputError
 from cm_beam.synthetic_pool import make_pool, write_sharded
-from conftest import DATAFLOW_DRY_RUN, beam_args
+from conftest import DATAFLOW_DRY_RUN, beam_args, write_selection_inputs
 from pipelines import select_batch
 from cm_beam.hashing import hash_ids
 from cm_beam.select_impl import TIE_SALT
 from reference_cluster_margin import reference_select
-
-
-def write_pool(tmp_path, n=3000, num_clusters=500, seed=0, exclude_fraction=0.1, shards=3):
-    tables = make_pool(n, num_clusters, seed=seed, margin_decimals=2)  # 2 decimals: many exact ties
-    d = tmp_path / "pool"
-    scores = write_sharded(tables["scores"], str(d), "scores", num_shards=shards, row_group_size=700)
-    clusters = write_sharded(tables["clusters"], str(d), "clusters", num_shards=2, row_group_size=900)
-    rng = np.random.default_rng(seed + 100)
-    ids = tables["scores"].column("example_id").to_pylist()
-    excluded = sorted(rng.choice(ids, int(n * exclude_fraction), replace=False).tolist())
-    half = len(excluded) // 2
-    pq.write_table(pa.table({"example_id": excluded[:half]}), str(d / "labeled.parquet"))
-    (d / "queued.csv").write_text("example_id\n" + "\n".join(excluded[half:]) + "\n")
-    return {
-        "scores": scores, "clusters": clusters,
-        "exclude": [str(d / "labeled.parquet"), str(d / "queued.csv")],
-        "score_map": dict(zip(ids, tables["scores"].column("margin").to_pylist())),
-        "cluster_map": dict(zip(tables["clusters"].column("example_id").to_pylist(),
-                                tables["clusters"].column("cluster_id").to_pylist())),
-        "excluded": excluded,
-    }
 
 
 def run_select(pool, out, batch_size, workers=1, extra=()):
@@ -57,7 +36,7 @@ def as_rows(table):
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    return write_pool(tmp_path_factory.mktemp("select"))
+    return write_selection_inputs(tmp_path_factory.mktemp("select"))
 
 
 @pytest.mark.parametrize("batch_size,factor,seed", [(100, 10, 0), (250, 4, 7), (40, 10, 3)])
@@ -172,6 +151,7 @@ def test_margin_and_random_match_reference(pool, tmp_path, strategy):
     assert as_rows(table) == expected
 
 
+@pytest.mark.slow
 def test_same_batch_with_one_and_two_workers(pool, tmp_path):
     _, one = run_select(pool, tmp_path / "w1", 200, workers=1, extra=["--seed", "11"])
     _, two = run_select(pool, tmp_path / "w2", 200, workers=2, extra=["--seed", "11"])
@@ -293,6 +273,7 @@ def test_invalid_flags_fail_naming_the_flag(pool, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
     from cm_beam.runner import JobNotExecuted
@@ -304,6 +285,7 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     assert not (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_rows_pruned_before_the_join_are_still_checked_and_counted(tmp_path):
     """The bound that prunes scores before the join must leave the batch and every count
     as without it, even when the exclusions are exactly the most uncertain rows."""

@@ -43,6 +43,7 @@ def _blas_threads_in_workers(out_dir):
     return [json.load(open(os.path.join(out_dir, f))) for f in os.listdir(out_dir)]
 
 
+@pytest.mark.slow
 def test_worker_processes_get_their_share_and_the_environment_is_restored(tmp_path, monkeypatch):
     for name in wt.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
@@ -52,6 +53,7 @@ def test_worker_processes_get_their_share_and_the_environment_is_restored(tmp_pa
     assert all(name not in os.environ for name in wt.THREAD_VARIABLES)  # only for the run
 
 
+@pytest.mark.slow
 def test_a_value_the_user_set_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     reports = _blas_threads_in_workers(tmp_path)
