@@ -48,7 +48,6 @@ from cm_beam import hac_kernels as hk
 from cm_beam import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
-from cm_beam import hierarchy_kernels as hik
 from cm_beam.hac import HacRounds
 from cm_beam.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
 from cm_beam.hashing import _splitmix64, hash_ids
