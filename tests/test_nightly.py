@@ -46,7 +46,7 @@ def first_night(tmp_path_factory):
     work = tmp_path_factory.mktemp("nightly") / "work"
     summary = nightly.run(["--demo", "--demo_size", str(POOL_SIZE), "--work_dir", str(work), "--batch_size", str(BATCH),
                            "--batch_name", "day1", "--seed", "3"] + FN)
-    demo = artifacts.read_json(str(work / "demo" / "demo.json"))
+    demo = nightly.read_demo_info(str(work))
     # The demo inputs as they were (a later test grows the pool in place).
     pristine = tmp_path_factory.mktemp("pristine") / "demo"
     shutil.copytree(work / "demo", pristine)
