@@ -11,6 +11,7 @@ directory, which it owns:
                                    embeddings key, cluster parameters)
       batches/<batch_name>/        cm-select output: the batch sent to labelers
       batches/<batch_name>/report/ the demo report (PNG plots), optional
+      nightly.lease                the running nightly's lease (cm_beam.lease)
 
 Every directory is complete exactly when it holds the stage's `manifest.json`
 (written last, only on success: `cm_beam.artifacts`). So:
@@ -27,6 +28,13 @@ Every directory is complete exactly when it holds the stage's `manifest.json`
   unless it was passed in an --exclude list (it is labeled then, and the labeled
   list covers it). Incomplete batch directories (a run that died) are ignored and
   overwritten by the rerun.
+* nightly.json and report/report.json, written after the batch's manifest, name
+  that manifest's sha256: the next run regenerates them when they are missing or
+  describe another batch. Before a batch is recomputed its manifest goes first,
+  then its summary, report and temp files.
+* paths inside the work dir are stored relative to it (nightly.json, the demo's
+  demo.json; a pool inside the work dir is keyed by its relative path), so a work
+  dir runs from any directory and a moved or copied one uses its own files.
 
 No Beam pipeline here: only paths, hashes and manifests, via Beam's FileSystems
 (local and gs:// alike).

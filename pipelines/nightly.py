@@ -20,12 +20,17 @@ One run:
    image goes to labelers twice;
 4. with --report (default with --demo): PNG plots next to the batch.
 
+Before anything is written, the run takes <work_dir>/nightly.lease (one run per
+work dir, cm_beam/lease.py): a second run refuses at once, naming the holder.
+
 Each stage is its own Beam job on the runner given by the standard Beam options
 (the job waits for each). The batch is complete when cm-select wrote its
 manifest, which happens only after every earlier stage succeeded; a run that dies
 leaves no complete batch, and the rerun reuses what finished and gives the same
-batch. `run(argv)` returns the summary dict (also written to
-<batch_dir>/nightly.json).
+batch. nightly.json and the report name the sha256 of the batch's manifest; a run
+killed after cm-select leaves them absent (never stale), and the next run
+regenerates them. `run(argv)` returns the summary dict (also written to
+<batch_dir>/nightly.json, with paths inside the work dir relative to it).
 """
 
 from __future__ import annotations
