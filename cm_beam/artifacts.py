@@ -32,9 +32,17 @@ def join(path: str, *parts: str) -> str:
     return FileSystems.join(path, *parts)
 
 
+def dir_exists(directory: str) -> bool:
+    """Whether `directory` may hold files: on object stores a directory is only a name
+    prefix (FileSystems.exists is false for it), so there it is always worth a listing."""
+    if "://" in directory:
+        return True
+    return FileSystems.exists(directory)
+
+
 def list_files(directory: str) -> List[str]:
     """Every file below `directory` (non-recursive for object stores, like `ls`)."""
-    if not FileSystems.exists(directory):
+    if not dir_exists(directory):
         return []
     result = FileSystems.match([FileSystems.join(directory, "*")])[0]
     return sorted(m.path for m in result.metadata_list)
@@ -46,7 +54,7 @@ def _is_local(path: str) -> bool:
 
 def subdirectories(directory: str) -> List[str]:
     """Immediate subdirectories of `directory` (on object stores: prefixes holding objects)."""
-    if not FileSystems.exists(directory):
+    if not dir_exists(directory):
         return []
     if _is_local(directory):
         import os
@@ -99,7 +107,7 @@ def prepare_output_dir(directory: str, overwrite: bool, flag: str = "--output_di
             FileSystems.delete(rest)
         for subdir in sorted(subdirs):
             remove_tree(subdir)
-    if not FileSystems.exists(directory):
+    if _is_local(directory) and not FileSystems.exists(directory):
         FileSystems.mkdirs(directory)
 
 

@@ -78,7 +78,7 @@ def check_batch_name(name: str) -> str:
 
 def _subdirs(directory: str) -> List[str]:
     """Immediate subdirectories of `directory` (local or object store), sorted."""
-    if not FileSystems.exists(directory):
+    if not artifacts.dir_exists(directory):
         return []
     pattern = FileSystems.join(directory, "*", artifacts.MANIFEST_NAME)
     found = FileSystems.match([pattern])[0].metadata_list
@@ -89,7 +89,7 @@ def _subdirs(directory: str) -> List[str]:
 
 def _all_subdirs(directory: str) -> List[str]:
     """Subdirectories holding at least one file (object stores have no empty ones)."""
-    if not FileSystems.exists(directory):
+    if not artifacts.dir_exists(directory):
         return []
     found = FileSystems.match([FileSystems.join(directory, "*", "*")])[0].metadata_list
     prefix = directory.rstrip("/") + "/"
