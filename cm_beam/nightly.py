@@ -159,6 +159,22 @@ class WorkDir:
                 FileSystems.delete([directory.path])
         return [d.path for d in doomed]
 
+    def remove_incomplete(self, keep: Sequence[str] = ()) -> List[str]:
+        """Deletes embeddings and clusters directories without a manifest (left by runs that
+        died, superseded by the complete ones); returns them. Only under the lease: no
+        other run is writing one."""
+        keep = {k.rstrip("/") for k in keep}
+        roots = [artifacts.join(self.root, EMBEDDINGS)]
+        roots += artifacts.subdirectories(artifacts.join(self.root, CLUSTERS))
+        removed = []
+        for root in roots:
+            for directory in artifacts.subdirectories(root):
+                if directory.rstrip("/") in keep or artifacts.read_manifest(directory) is not None:
+                    continue
+                artifacts.remove_tree(directory)
+                removed.append(directory)
+        return removed
+
     # Clusters -----------------------------------------------------------------
     def clusters_root(self, pool_key: str) -> str:
         return artifacts.join(self.root, CLUSTERS, pool_key)

@@ -416,6 +416,7 @@ def _run_holding(args, beam_args, work: nw.WorkDir, lease) -> Dict[str, Any]:
                      output=artifacts.join(batch_dir, nw.REPORT), plots=written["plots"])
         summary["report"] = written
     summary["pruned_embeddings"] = work.prune_embeddings(args.keep_embeddings, embeddings.path)
+    summary["removed_incomplete"] = work.remove_incomplete(keep=[embeddings.path, clusters.path])
     summary["wall_seconds"] = round(time.time() - started, 3)
     lease.check()
     nw.write_nightly_summary(work, batch_dir, summary)

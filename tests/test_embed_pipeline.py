@@ -382,6 +382,6 @@ def test_decompression_bombs_become_dead_letter_rows(tmp_path, models, images):
 def test_a_file_that_is_not_a_keras_archive_is_named_as_such(tmp_path, manifest_pool):
     fake = tmp_path / "model.keras"
     fake.write_text("not a model")
-    with pytest.raises(InputError, match=r"--model: .*model.keras is not a Keras 3 `.keras` file \(a zip archive\)"):
+    with pytest.raises(InputError, match=r"--model: cannot load .*model.keras: it is not a Keras 3 `.keras` file \(a zip archive\)"):
         _run(manifest_pool, str(fake), tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -321,11 +321,11 @@ def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(t
 RACER = """
 import os, sys, time
 from cm_beam import lease
-root, go, take_over = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+root, go = sys.argv[1], sys.argv[2]
 while not os.path.exists(go):
     time.sleep(0.001)
 try:
-    held = lease.acquire(root, "race", timeout_seconds=60, take_over=take_over, renew_seconds=0)
+    held = lease.acquire(root, "race", timeout_seconds=60, renew_seconds=0)
 except lease.LeaseHeld:
     print("refused")
 else:
@@ -340,11 +340,11 @@ def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
     from cm_beam import lease
 
     root = tmp_path / "work"
-    if stale:  # a dead run's lease: every racer finds it and tries to take it over
+    if stale:  # a dead run's lease (renewed at 1970): every racer finds it stale and tries to take it over
         root.mkdir()
         (root / lease.LEASE_NAME).write_text('{"token": "dead", "renewed_unix": 0, "pid": 1}')
     go = tmp_path / "go"
-    procs = [subprocess.Popen([PY, "-c", RACER, str(root), str(go), "1" if stale else "0"], env=_env(),
+    procs = [subprocess.Popen([PY, "-c", RACER, str(root), str(go)], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     time.sleep(2)  # let every interpreter start and wait on the same file
     go.touch()
@@ -363,6 +363,12 @@ def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_r
     assert artifacts.read_json(os.path.join(batch_dir, "report", "report.json"))["batch_rows"] == BATCH
     os.makedirs(os.path.join(batch_dir, "beam-temp-selection-deadbeef"))  # a killed job's leftovers
     open(os.path.join(batch_dir, "beam-temp-selection-deadbeef", "part"), "w").close()
+    # Stage outputs of runs that died (no manifest): removed once a batch is complete.
+    work = first_night["work"]
+    dead = [work / "embeddings" / "0000dead", work / "clusters" / os.path.basename(os.path.dirname(first["clusters"])) / "dead"]
+    for d in dead:
+        os.makedirs(d / "beam-temp-x")
+        (d / "embeddings-00000-of-00002.parquet").write_bytes(b"partial")
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed in the report step")
@@ -371,6 +377,7 @@ def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_r
     with pytest.raises(KeyboardInterrupt):
         nightly.run(base + ["--replace_batch", "--batch_size", "10"])
     monkeypatch.undo()
+    assert all(d.exists() for d in dead)  # the batch's run did not finish: nothing removed yet
     # The new batch is complete (cm-select's manifest), and nothing of the old one is left
     # beside it: no nightly.json, no report of 20 rows, no beam-temp.
     assert artifacts.read_manifest(batch_dir)["counts"]["selected"] == 10
@@ -387,6 +394,9 @@ def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_r
     assert stored["clusters"] == os.path.relpath(first["clusters"], first_night["work"])
     again = nightly.run(base)
     assert again["status"] == "already complete" and again["batch_dir"] == batch_dir
+    done = nightly.run(same_night_flags(first_night) + ["--batch_name", "rep2"])
+    assert sorted(done["removed_incomplete"]) == sorted(str(d) for d in dead) and not any(d.exists() for d in dead)
+    assert os.path.exists(done["embeddings"]) and os.path.exists(done["clusters"])
 
     # A summary that describes another batch (copied over, or left by an older run) is
     # not trusted either.
