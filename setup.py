@@ -58,6 +58,7 @@ setup(
             "scikit-learn>=1.3",
             "pyyaml>=6",
             "psutil>=5",  # benchmarks: memory of process trees
+            "gcp-storage-emulator>=2024.8",  # tests/test_nightly_gcs.py: a GCS JSON API on loopback
         ],
     },
     entry_points={

@@ -45,7 +45,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from cm_beam import image_sources
-from cm_beam.image_decode import ImageDecoder, configure_threads
+from cm_beam.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, configure_threads
 from cm_beam.keras_model_handler import (
     MARGIN_REDUCES,
     REJECTED_SCHEMA,
@@ -72,8 +72,10 @@ def _rejected(ids, uris, reasons) -> pa.RecordBatch:
 class _FetchAndDecode(beam.DoFn):
     """Pool block -> ((ids, uris), images float32[n, s, s, 3]) chunks + tagged rejected rows."""
 
-    def __init__(self, image_size: int, chunk_rows: int, fetch_threads: int, intra_op_threads: int):
+    def __init__(self, image_size: int, chunk_rows: int, fetch_threads: int, intra_op_threads: int,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         self._image_size = image_size
+        self._max_pixels = max_image_pixels
         self._chunk_rows = chunk_rows
         self._fetch_threads = fetch_threads
         self._intra = intra_op_threads
@@ -83,7 +85,7 @@ class _FetchAndDecode(beam.DoFn):
     def setup(self):
         # Thread pools must be fixed before this process's first TF op (the decode).
         configure_threads(self._intra)
-        self._decoder = ImageDecoder(self._image_size)
+        self._decoder = ImageDecoder(self._image_size, self._max_pixels)
 
     def process(self, block: pa.RecordBatch):
         for start in range(0, block.num_rows, self._chunk_rows):
@@ -160,6 +162,7 @@ class EmbedAndScore(beam.PTransform):
         intra_op_threads: int = 0,
         fetch_threads: int = image_sources.DEFAULT_FETCH_THREADS,
         contract: Optional[ModelContract] = None,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         if int(image_size) <= 0:
@@ -182,10 +185,11 @@ class EmbedAndScore(beam.PTransform):
         self._reduce = margin_reduce
         self._intra = int(intra_op_threads)
         self._fetch_threads = int(fetch_threads)
+        self._max_pixels = max_image_pixels
 
     def expand(self, blocks) -> Dict[str, beam.PCollection]:
         decoded = blocks | "FetchAndDecode" >> beam.ParDo(
-            _FetchAndDecode(self._image_size, self._batch, self._fetch_threads, self._intra)
+            _FetchAndDecode(self._image_size, self._batch, self._fetch_threads, self._intra, self._max_pixels)
         ).with_outputs("rejected", main="images")
         handler = KeyedModelHandler(KerasModelHandler(self.contract, intra_op_threads=self._intra))
         scored = (

@@ -12,11 +12,18 @@ fraction of the per-image eager dispatch. When anything in the block fails to
 decode, the block is decoded again one image at a time with the *same* compiled
 function, so good images give bit-identical pixels either way and each bad image is
 reported with TensorFlow's reason instead of failing the job.
+
+Decompression bombs: a 1 MB PNG can declare 20000 x 20000 pixels, which TensorFlow
+would decode to 1.2 GB (and resize in float32, four times that). Before any
+decoding, the width and height the file's header declares (PNG IHDR, JPEG SOF,
+GIF screen, BMP info header, WebP VP8/VP8L/VP8X) are read from the first bytes,
+and an image declaring more than `max_pixels` is rejected with that reason.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,6 +31,89 @@ import numpy as np
 _LOG = logging.getLogger(__name__)
 
 _THREADS_SET = None
+
+# About 40 megapixels (e.g. 7300 x 5500, above an 8K frame): decoded RGB is 120 MB,
+# TensorFlow's float32 resize input 480 MB per image.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+def declared_size(data: bytes) -> Optional[Tuple[str, int, int]]:
+    """(format, width, height) from the image header, without decoding; None if unknown.
+
+    For a recognised format with a truncated or corrupt header the size is None too
+    (TensorFlow then rejects the bytes with its own reason).
+    """
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])
+            return "PNG", w, h
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            w, h = struct.unpack("<HH", data[6:10])
+            return "GIF", w, h
+        if data[:2] == b"BM" and len(data) >= 26:
+            header = struct.unpack("<I", data[14:18])[0]
+            if header == 12:
+                w, h = struct.unpack("<HH", data[18:22])
+            else:
+                w, h = struct.unpack("<ii", data[18:26])
+            return "BMP", abs(w), abs(h)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                w = int.from_bytes(data[24:27], "little") + 1
+                h = int.from_bytes(data[27:30], "little") + 1
+                return "WebP", w, h
+            if chunk == b"VP8L" and data[20:21] == b"\x2f":
+                bits = int.from_bytes(data[21:25], "little")
+                return "WebP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                w, h = struct.unpack("<HH", data[26:30])
+                return "WebP", w & 0x3FFF, h & 0x3FFF
+    except struct.error:
+        return None
+    return None
+
+
+# JPEG markers that start a frame (SOF0..SOF15 but DHT, JPG and DAC).
+_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> Optional[Tuple[str, int, int]]:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        length = struct.unpack(">H", data[i + 2:i + 4])[0]
+        if marker in _SOF:
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return "JPEG", w, h
+        i += 2 + length
+    return None
+
+
+def too_large(data: bytes, max_pixels: Optional[int]) -> Optional[str]:
+    """The rejection reason if the header declares more than `max_pixels` pixels, else None."""
+    if not max_pixels:
+        return None
+    size = declared_size(data)
+    if size is None:
+        return None
+    fmt, w, h = size
+    if w * h > max_pixels:
+        return (f"image too large: its {fmt} header declares {w} x {h} = {w * h} pixels, more than "
+                f"--max_image_pixels {max_pixels}; not decoded")
+    return None
 
 
 def configure_threads(intra_op_threads: int = 0, inter_op_threads: int = 0) -> None:
@@ -65,10 +155,13 @@ def configure_threads(intra_op_threads: int = 0, inter_op_threads: int = 0) -> N
 class ImageDecoder:
     """Decodes blocks of encoded images to float32 arrays of shape (n, size, size, 3)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         if image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {image_size}")
+        if max_pixels is not None and max_pixels <= 0:
+            raise ValueError(f"max_pixels must be > 0 or None, got {max_pixels}")
         self.image_size = int(image_size)
+        self.max_pixels = max_pixels
         self._fn = None
 
     def _compiled(self):
@@ -91,7 +184,7 @@ class ImageDecoder:
         return self._fn
 
     def __getstate__(self):  # the compiled function is rebuilt where it is used
-        return {"image_size": self.image_size, "_fn": None}
+        return {"image_size": self.image_size, "max_pixels": self.max_pixels, "_fn": None}
 
     def decode(self, encoded: Sequence[Optional[bytes]]) -> Tuple[np.ndarray, np.ndarray, List[Optional[str]]]:
         """Returns (images of the decodable rows, ok mask over all rows, reason per row).
@@ -110,6 +203,8 @@ class ImageDecoder:
                 continue
             if len(data) == 0:
                 reasons[i] = "empty file"
+            elif too_large(data, self.max_pixels):
+                reasons[i] = too_large(data, self.max_pixels)  # a decompression bomb: never decoded
             else:
                 todo.append(i)
         empty = np.zeros((0, self.image_size, self.image_size, 3), np.float32)

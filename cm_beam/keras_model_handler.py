@@ -77,6 +77,12 @@ def load_keras_model(path: str, unsafe: bool = False, flag: str = "--model"):
         raise InputError(f"{flag}: expected a Keras 3 `.keras` file, got {path}")
     if not FileSystems.exists(path):
         raise InputError(f"{flag}: {path} does not exist")
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        # Keras would say "File not found" for a file that exists but is no zip archive.
+        what = "an empty file" if not head else f"a file starting with bytes {head!r}"
+        raise InputError(f"{flag}: cannot load {path}: it is not a Keras 3 `.keras` file (a zip archive) but {what}")
     local, tmp = path, None
     if "://" in path:
         fd, tmp = tempfile.mkstemp(suffix=".keras")

@@ -198,8 +198,12 @@ def plot(numbers: Dict, out_dir: str, class_names: Optional[List[str]] = None) -
 
 
 def write_report(out_dir: str, embeddings: str, clusters: str, selection: str, labels: Optional[str] = None,
-                 class_names: Optional[List[str]] = None) -> Dict:
-    """Collects the numbers, writes the plots and report.json into `out_dir`."""
+                 class_names: Optional[List[str]] = None, stamp: Optional[Dict] = None) -> Dict:
+    """Collects the numbers, writes the plots and report.json into `out_dir`.
+
+    `stamp` (e.g. the batch's name and manifest sha256) is copied into report.json,
+    so a reader can tell which batch the report describes.
+    """
     if labels and class_names is None:
         from cm_beam.demo_pool import CLASSES
 
@@ -208,5 +212,5 @@ def write_report(out_dir: str, embeddings: str, clusters: str, selection: str, l
     if not FileSystems.exists(out_dir):
         FileSystems.mkdirs(out_dir)
     plots = plot(numbers, out_dir, class_names)
-    artifacts.write_json(artifacts.join(out_dir, "report.json"), numbers)
+    artifacts.write_json(artifacts.join(out_dir, "report.json"), {**numbers, **(stamp or {})})
     return {"plots": plots, "numbers": artifacts.join(out_dir, "report.json")}

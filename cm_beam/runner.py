@@ -149,15 +149,84 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty --output_dir.")
 
 
-def configure_logging() -> None:
+def verbose_requested(argv: Sequence[str]) -> bool:
+    """Whether argv asks for --verbose (read before parsing: logging is set up first)."""
+    for arg in argv:
+        if arg == "--verbose":
+            return True
+        if arg.startswith("--verbose="):
+            try:
+                return str2bool(arg.split("=", 1)[1])
+            except argparse.ArgumentTypeError:
+                return False
+    return False
+
+
+class _OwnRecordsOnly(logging.Filter):
+    """Keeps cm-beam's own log records; third-party ones (Beam's worker tracebacks, its
+    'Resource module is not available' warning, TensorFlow/absl) only with --verbose.
+
+    A failure reaches the user anyway: as the exception the command raises, or as
+    its one-line error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith(("cm_beam", "pipelines", "__main__"))
+
+
+def configure_logging(verbose: bool = False) -> None:
+    import os
+
+    before = list(logging.getLogger().handlers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Beam's worker harness is chatty at INFO; keep our own progress readable.
-    for noisy in ("apache_beam", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ours = [h for h in logging.getLogger().handlers if h not in before]  # not a host's (pytest's) handlers
+    if verbose:
+        for noisy in ("apache_beam", "absl"):
+            logging.getLogger(noisy).setLevel(logging.INFO)
+        return
+    # TensorFlow's C++ logging (the E0000/W0000 lines about CUDA, cuDNN, XLA) reads this
+    # when TensorFlow is first imported, which happens after this point.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for noisy in ("apache_beam", "absl", "tensorflow", "keras"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for handler in ours:
+        if not any(isinstance(f, _OwnRecordsOnly) for f in handler.filters):
+            handler.addFilter(_OwnRecordsOnly())
+
+
+def import_quietly(module: str) -> None:
+    """Imports `module` with the process's stderr (fd 2) captured, shown only if the import fails.
+
+    TensorFlow's C++ runtime writes its start-up lines (`I0000`/`E0000` from absl, about
+    oneDNN, CUDA, cuDNN) straight to fd 2 before any Python logging setting applies,
+    and TF_CPP_MIN_LOG_LEVEL does not reach them.
+    """
+    import importlib
+    import os
+    import tempfile
+
+    if module in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                capture.seek(0)
+                sys.stderr.write(capture.read().decode("utf-8", "replace"))
 
 
 def run_main(prog: str, run: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]],
-             summarize: Callable[[Any], None]) -> None:
+             summarize: Callable[[Any], None], verbose: bool = False, quiet_imports: Sequence[str] = ()) -> None:
     """The body of every command's `main`: logging, run, one error line for bad input.
 
     Bad input (InputError) prints `<prog>: error: ...` and exits 2, with no traceback:
@@ -166,7 +235,13 @@ def run_main(prog: str, run: Callable[[Optional[Sequence[str]]], Any], argv: Opt
     """
     from cm_beam.errors import InputError
 
-    configure_logging()
+    configure_logging(verbose)
+    if not verbose:
+        for module in quiet_imports:
+            try:
+                import_quietly(module)
+            except ImportError:
+                pass  # the command reports a missing dependency where it needs it
     try:
         result = run(argv)
     except InputError as e:

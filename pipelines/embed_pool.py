@@ -28,6 +28,7 @@ import apache_beam as beam
 
 from cm_beam import artifacts, image_sources, table_io
 from cm_beam.embed import DEFAULT_INFERENCE_BATCH_SIZE, EmbedAndScore
+from cm_beam.image_decode import DEFAULT_MAX_IMAGE_PIXELS
 from cm_beam.keras_model_handler import MARGIN_REDUCES, REJECTED_SCHEMA, check_model, output_schema
 from cm_beam.runner import (
     add_output_flags,
@@ -70,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "0 = TensorFlow's default).")
     parser.add_argument("--fetch_threads", type=positive_int, default=image_sources.DEFAULT_FETCH_THREADS,
                         help="Concurrent image reads per worker process (manifest pools).")
+    parser.add_argument("--max_image_pixels", type=positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="Images whose header declares more pixels (width x height) are rejected before decoding "
+                             "(decompression bombs); default %(default)s.")
+    parser.add_argument("--verbose", action="store_true", help="Also print third-party logs (TensorFlow, Beam).")
     parser.add_argument("--num_shards", type=non_negative_int, default=0, help="Output shards (0: chosen by the runner).")
     return parser
 
@@ -132,6 +137,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         intra_op_threads=intra,
         fetch_threads=args.fetch_threads,
         contract=contract,
+        max_image_pixels=args.max_image_pixels,
     )
     results["embeddings"] | "WriteEmbeddings" >> table_io.WriteTableBlocks(
         artifacts.join(args.output_dir, EMBEDDINGS_PREFIX), schema, args.num_shards
@@ -189,7 +195,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"{time.time() - started:.1f} s with start-up) -> {summary['outputs']['embeddings']}"
         )
 
-    run_main("cm-embed", run, argv, print_summary)
+    from cm_beam.runner import verbose_requested
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    run_main("cm-embed", run, argv, print_summary, verbose=verbose_requested(args), quiet_imports=("tensorflow",))
 
 if __name__ == "__main__":
     main()

@@ -20,12 +20,17 @@ One run:
    image goes to labelers twice;
 4. with --report (default with --demo): PNG plots next to the batch.
 
+Before anything is written, the run takes <work_dir>/nightly.lease (one run per
+work dir, cm_beam/lease.py): a second run refuses at once, naming the holder.
+
 Each stage is its own Beam job on the runner given by the standard Beam options
 (the job waits for each). The batch is complete when cm-select wrote its
 manifest, which happens only after every earlier stage succeeded; a run that dies
 leaves no complete batch, and the rerun reuses what finished and gives the same
-batch. `run(argv)` returns the summary dict (also written to
-<batch_dir>/nightly.json).
+batch. nightly.json and the report name the sha256 of the batch's manifest; a run
+killed after cm-select leaves them absent (never stale), and the next run
+regenerates them. `run(argv)` returns the summary dict (also written to
+<batch_dir>/nightly.json, with paths inside the work dir relative to it).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from cm_beam import artifacts
+from cm_beam import lease as lease_mod
 from cm_beam import nightly as nw
 from cm_beam import runner as cm_runner
 from cm_beam.errors import InputError
@@ -62,7 +68,7 @@ CLUSTER_SHARDS = "clusters-*.parquet"  # not rejected-*.parquet, which sits besi
 
 # Flags of cm-nightly that are forwarded to a stage under the same name.
 EMBED_FLAGS = ("pool_format", "image_size", "embedding_layer", "multilabel", "margin_reduce", "keep_probs",
-               "inference_batch_size", "unsafe_model", "image_column", "image_key", "id_key")
+               "inference_batch_size", "unsafe_model", "image_column", "image_key", "id_key", "max_image_pixels")
 CLUSTER_FLAGS = ("distance_threshold", "metric", "num_neighbors")
 SELECT_FLAGS = ("batch_size", "margin_pool_size", "margin_pool_factor", "strategy", "uncertainty", "seed")
 
@@ -110,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--image_column", default=None, help="Parquet pools: the image bytes column.")
     emb.add_argument("--image_key", default=None, help="TFRecord pools: the image bytes feature.")
     emb.add_argument("--id_key", default=None, help="TFRecord pools: the example id feature.")
+    emb.add_argument("--max_image_pixels", type=cm_runner.positive_int, default=None,
+                     help="Images whose header declares more pixels are rejected before decoding (cm-embed default).")
     raw = p.add_argument_group("any other stage flag")
     raw.add_argument("--embed_arg", action="append", default=[], help="A raw flag for cm-embed, e.g. --embed_arg=--fetch_threads=32. Repeatable.")
     raw.add_argument("--cluster_arg", action="append", default=[], help="A raw flag for cm-cluster. Repeatable.")
@@ -118,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="After a complete batch, delete all but the newest N nights' embeddings (0 keeps all).")
     io.add_argument("--progress_seconds", type=cm_runner.positive_float, default=60.0,
                     help="While a stage's job runs, print a progress line this often.")
+    io.add_argument("--lease_timeout", type=cm_runner.positive_float, default=lease_mod.DEFAULT_TIMEOUT_SECONDS,
+                    help="One run per work dir: a run holds <work_dir>/nightly.lease and renews it while it runs; a "
+                         "lease not renewed for this many seconds (its run died) is taken over (default %(default)s).")
+    io.add_argument("--take_over_lease", **_BOOL,
+                    help="Take the work dir's lease now even if it looks alive (only when its run is known to be gone).")
+    io.add_argument("--verbose", **_BOOL,
+                    help="Also print third-party logs (TensorFlow, Beam) and full tracebacks.")
     out = p.add_argument_group("report and demo")
     out.add_argument("--report", type=cm_runner.str2bool, default=None,
                      help="Write PNG plots (margins, cluster sizes, class mix) to <batch>/report (default: true with --demo).")
@@ -197,17 +212,35 @@ class _Progress:
         print(f"cm-nightly [{self.index}/{self.total}] {name}: {status}, {line} ({seconds:.1f} s)", file=sys.stderr, flush=True)
 
 
+DEMO_PATHS = ("pool", "labels", "model", "labeled")
+
+
+def _resolve_demo(stored: Dict[str, Any], demo_dir: str) -> Dict[str, Any]:
+    return {**stored, **{k: os.path.join(demo_dir, stored[k]) for k in DEMO_PATHS}}
+
+
+def read_demo_info(work_dir: str) -> Dict[str, Any]:
+    """<work_dir>/demo/demo.json with its paths resolved against where the work dir is now."""
+    demo_dir = os.path.join(work_dir, "demo")
+    return _resolve_demo(artifacts.read_json(os.path.join(demo_dir, "demo.json")), demo_dir)
+
+
 def _prepare_demo(args) -> Dict[str, Any]:
-    """Generates (or reuses) the demo pool, model and labeled seed set under <work_dir>/demo."""
+    """Generates (or reuses) the demo pool, model and labeled seed set under <work_dir>/demo.
+
+    demo.json stores its paths relative to the demo directory (and the pool manifest's
+    uris are relative to the manifest), so a work dir runs from any directory and a
+    copy of it uses its own pool and model.
+    """
     from cm_beam import demo_pool
 
     demo_dir = artifacts.join(args.work_dir, "demo")
     if "://" in demo_dir:
         raise InputError("--work_dir: --demo writes the demo pool locally; give a local --work_dir")
-    spec = {"num_images": args.demo_size, "seed": args.seed, "image_size": DEMO_IMAGE_SIZE, "seed_set": DEMO_SEED_SET, "version": 2}
+    spec = {"num_images": args.demo_size, "seed": args.seed, "image_size": DEMO_IMAGE_SIZE, "seed_set": DEMO_SEED_SET, "version": 3}
     done = os.path.join(demo_dir, "demo.json")
     if os.path.exists(done) and artifacts.read_json(done).get("spec") == spec:
-        info = artifacts.read_json(done)
+        stored = artifacts.read_json(done)
         print(f"cm-nightly demo: reusing the pool and model in {demo_dir}", file=sys.stderr)
     else:
         t0 = time.time()
@@ -216,8 +249,9 @@ def _prepare_demo(args) -> Dict[str, Any]:
         print(f"cm-nightly demo: drew {made['num_images']} images ({made['num_originals']} originals, the rest "
               f"near-duplicates) and trained the model on {made['seed_set']} labeled ones (train accuracy "
               f"{made['train_accuracy']:.2f}) in {time.time() - t0:.1f} s", file=sys.stderr)
-        info = {"spec": spec, **made}
-        artifacts.write_json(done, info)  # last: the demo inputs are complete
+        stored = {"spec": spec, **made, **{k: os.path.relpath(made[k], demo_dir) for k in DEMO_PATHS}}
+        artifacts.write_json(done, stored)  # last: the demo inputs are complete
+    info = _resolve_demo(stored, demo_dir)
     args.pool, args.model = info["pool"], info["model"]
     args.pool_format = args.pool_format or "manifest"
     args.image_size = args.image_size or DEMO_IMAGE_SIZE
@@ -259,7 +293,7 @@ def _embed(args, work: nw.WorkDir, beam_args, progress: _Progress) -> nw.Complet
 
 
 def _cluster(args, work: nw.WorkDir, embeddings: nw.CompleteDir, beam_args, progress: _Progress) -> nw.CompleteDir:
-    pool_key = nw.pool_key(args.pool, args.pool_format)
+    pool_key = nw.pool_key(args.pool, args.pool_format, work.root)
     flags = {k: getattr(args, k) for k in CLUSTER_FLAGS}
     # Keyed by the embeddings it is built from (their directory name is their key).
     key = nw.stable_hash({"embeddings": nw.dir_name(embeddings.path), "flags": flags, "raw": args.cluster_arg})
@@ -296,6 +330,10 @@ def _select(args, work: nw.WorkDir, embeddings, clusters, beam_args, progress: _
     pending = nw.pending_batches(work, args.batch_name, args.exclude)
     begun = progress.begin("select", f"{args.batch_size} examples, excluding {len(args.exclude)} list(s) and "
                                      f"{len(pending)} earlier batch(es) not yet labeled")
+    # The old batch stops being complete (its manifest goes first), then everything in
+    # its directory that described it goes: a killed run can leave no nightly.json or
+    # report of another batch beside a new one.
+    nw.clear_batch_dir(batch_dir)
     flags = {k: getattr(args, k) for k in SELECT_FLAGS}
     excludes = list(args.exclude) + [nw.selection_glob(b.path) for b in pending]
     argv = ["--scores", artifacts.join(embeddings.path, EMBEDDING_SHARDS),
@@ -305,11 +343,16 @@ def _select(args, work: nw.WorkDir, embeddings, clusters, beam_args, progress: _
         argv += ["--multilabel_reduce", args.margin_reduce]
     argv += list(args.select_arg) + nw.stage_beam_args(beam_args, "select")
     manifest = _stage("select")(argv)
+    nw.remove_temp(batch_dir)
     c = manifest.get("counts", {})
+    drew_from = nw.batch_clusters(batch_dir)
+    margin_pool = (f" in {c.get('clusters_touched')} clusters" if c.get("clusters_touched") is not None else "")
     progress.end("select", begun, "ran",
-                 f"selected {c.get('selected')} of {c.get('candidates')} candidates in {c.get('clusters_touched')} clusters; "
-                 f"pool {c.get('pool')}, excluded {c.get('excluded')}, unclustered (singletons) {c.get('unclustered_eligible')}",
-                 output=batch_dir, counts=c, auto_excluded=[nw.batch_name_of(b.path) for b in pending])
+                 f"selected {c.get('selected')} from a margin pool of {c.get('candidates')} candidates{margin_pool}; "
+                 f"the batch draws from {drew_from} clusters; pool {c.get('pool')}, excluded {c.get('excluded')}, "
+                 f"unclustered (singletons) {c.get('unclustered_eligible')}",
+                 output=batch_dir, counts=c, batch_clusters=drew_from,
+                 auto_excluded=[nw.batch_name_of(b.path) for b in pending])
     return batch_dir, manifest
 
 
@@ -318,71 +361,145 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     _validate(args, parser, beam_args)
-    started = time.time()
-    demo = _prepare_demo(args) if args.demo else None
+    if "://" not in args.work_dir:
+        # Every path the run derives is then independent of the directory it ran in.
+        args.work_dir = os.path.abspath(args.work_dir)
     work = nw.WorkDir(args.work_dir)
     batch_dir = work.batch_dir(args.batch_name)
-
     done = artifacts.read_manifest(batch_dir)
-    if done is not None and done.get("stage") == "select" and not args.replace_batch:
-        summary_path = artifacts.join(batch_dir, nw.NIGHTLY_SUMMARY)
-        summary = artifacts.read_json(summary_path) if _exists(summary_path) else {"batch_dir": batch_dir, "select": done}
-        summary["status"] = "already complete"
-        print(f"cm-nightly: batch {args.batch_name} is already complete in {batch_dir} "
-              f"(--replace_batch to recompute it, --batch_name for another)", file=sys.stderr)
-        return summary
-
-    if args.distance_threshold is None and (args.recluster or not work.complete_clusters(nw.pool_key(args.pool, args.pool_format))):
+    complete = done is not None and done.get("stage") == "select" and not args.replace_batch
+    if not complete and not args.demo and args.distance_threshold is None and (
+            args.recluster or not work.complete_clusters(nw.pool_key(args.pool, args.pool_format, work.root))):
         raise InputError("--distance_threshold: required, since the work dir holds no clusters of this pool yet"
                          + (" (--recluster)" if args.recluster else ""))
+
+    # One run per work dir, before anything is written (the demo inputs included).
+    lease = lease_mod.acquire(work.root, args.batch_name, timeout_seconds=args.lease_timeout,
+                              take_over=args.take_over_lease)
+    try:
+        return _run_holding(args, beam_args, work, lease)
+    finally:
+        lease.release()
+
+
+def _run_holding(args, beam_args, work: nw.WorkDir, lease) -> Dict[str, Any]:
+    started = time.time()
+    demo = _prepare_demo(args) if args.demo else None
+    batch_dir = work.batch_dir(args.batch_name)
+
+    done = artifacts.read_manifest(batch_dir)  # again: read under the lease
+    if done is not None and done.get("stage") == "select" and not args.replace_batch:
+        return _complete_batch(args, work, batch_dir, done, demo, lease)
+
     progress = _Progress(total=4 if args.report else 3, heartbeat=args.progress_seconds)
     try:
         embeddings = _embed(args, work, beam_args, progress)
+        nw.remove_temp(embeddings.path)
+        lease.check()
         clusters = _cluster(args, work, embeddings, beam_args, progress)
+        nw.remove_temp(clusters.path)
+        lease.check()
         batch_dir, selection = _select(args, work, embeddings, clusters, beam_args, progress)
+        lease.check()
     finally:
         progress._stop_heartbeat()  # a failed stage must not leave its heartbeat printing
 
-    summary: Dict[str, Any] = {
-        "status": "complete",
-        "batch_name": args.batch_name,
-        "batch_dir": batch_dir,
-        "selection": nw.selection_glob(batch_dir),
-        "stages": progress.stages,
-        "counts": selection.get("counts", {}),
-        "batch_diagnostics": selection.get("batch_diagnostics"),
-        "exclude": list(args.exclude),
-        "auto_excluded_batches": progress.stages["select"]["auto_excluded"],
-        "embeddings": embeddings.path,
-        "clusters": clusters.path,
-        "parameters": {k: v for k, v in vars(args).items()},
-        "beam_args": list(beam_args),
-    }
+    summary = _batch_summary(args, batch_dir, progress.stages, embeddings.path, clusters.path, beam_args)
+    summary["auto_excluded_batches"] = progress.stages["select"]["auto_excluded"]
     if args.report:
-        from cm_beam import report
-
         begun = progress.begin("report", "plotting margins, cluster sizes and the class mix")
         try:
-            written = _write_report(report, args, embeddings, clusters, batch_dir, demo)
+            written = _write_report(args, embeddings.path, clusters.path, batch_dir, demo)
         finally:
             progress._stop_heartbeat()
         progress.end("report", begun, "ran", f"{len(written['plots'])} plots in {artifacts.join(batch_dir, nw.REPORT)}",
                      output=artifacts.join(batch_dir, nw.REPORT), plots=written["plots"])
         summary["report"] = written
     summary["pruned_embeddings"] = work.prune_embeddings(args.keep_embeddings, embeddings.path)
+    summary["removed_incomplete"] = work.remove_incomplete(keep=[embeddings.path, clusters.path])
     summary["wall_seconds"] = round(time.time() - started, 3)
-    # After the batch's manifest: a summary for people; the batch's completeness is cm-select's manifest.
-    artifacts.write_json(artifacts.join(batch_dir, nw.NIGHTLY_SUMMARY), summary)
+    lease.check()
+    nw.write_nightly_summary(work, batch_dir, summary)
     return summary
 
 
-def _write_report(report, args, embeddings, clusters, batch_dir, demo) -> Dict[str, Any]:
+def _batch_summary(args, batch_dir: str, stages, embeddings: Optional[str], clusters: Optional[str],
+                   beam_args) -> Dict[str, Any]:
+    """nightly.json's content; bound to the batch by its manifest's sha256."""
+    manifest = artifacts.read_manifest(batch_dir) or {}
+    return {
+        "status": "complete",
+        "batch_name": args.batch_name,
+        "batch_dir": batch_dir,
+        "batch_manifest_sha256": nw.batch_manifest_sha256(batch_dir),
+        "selection": nw.selection_glob(batch_dir),
+        "stages": stages,
+        "counts": manifest.get("counts", {}),
+        "batch_diagnostics": manifest.get("batch_diagnostics"),
+        "exclude": list(args.exclude),
+        "auto_excluded_batches": [],
+        "embeddings": embeddings,
+        "clusters": clusters,
+        "parameters": {k: v for k, v in vars(args).items()},
+        "beam_args": list(beam_args),
+    }
+
+
+def _complete_batch(args, work: nw.WorkDir, batch_dir: str, manifest, demo, lease) -> Dict[str, Any]:
+    """A batch already complete: returned as is, or its nightly.json and report regenerated
+    when they are missing or describe another batch (a run killed after cm-select)."""
+    sha = nw.batch_manifest_sha256(batch_dir)
+    summary = nw.read_nightly_summary(work, batch_dir)
+    report_json = artifacts.join(batch_dir, nw.REPORT, "report.json")
+    had_report = bool(summary and summary.get("report")) or _exists(report_json)
+    want_report = bool(args.report) or had_report
+    stale = []
+    if summary is None or summary.get("batch_manifest_sha256") != sha:
+        stale.append(nw.NIGHTLY_SUMMARY)
+    if want_report and (not _exists(report_json) or artifacts.read_json(report_json).get("batch_manifest_sha256") != sha):
+        stale.append("report")
+    if not stale:
+        summary["status"] = "already complete"
+        print(f"cm-nightly: batch {args.batch_name} is already complete in {batch_dir} "
+              f"(--replace_batch to recompute it, --batch_name for another)", file=sys.stderr)
+        return summary
+
+    print(f"cm-nightly: batch {args.batch_name} in {batch_dir} is complete but its {' and '.join(stale)} "
+          f"{'is' if len(stale) == 1 else 'are'} missing or describe another batch: regenerating from its manifest",
+          file=sys.stderr)
+    embeddings, clusters = nw.batch_inputs(work, manifest)
+    stages = {"select": {"status": "complete", "seconds": 0.0, "output": batch_dir, "counts": manifest.get("counts", {}),
+                         "batch_clusters": nw.batch_clusters(batch_dir)}}
+    out = _batch_summary(args, batch_dir, stages, embeddings, clusters, [])
+    out["exclude"] = list(manifest.get("parameters", {}).get("exclude") or [])
+    out["parameters"] = {"select": manifest.get("parameters", {})}
+    artifacts.remove_tree(artifacts.join(batch_dir, nw.REPORT))
+    if want_report:
+        if embeddings and clusters and _exists(embeddings) and _exists(clusters):
+            out["report"] = _write_report(args, embeddings, clusters, batch_dir, demo)
+        else:
+            out["report"] = None
+            print(f"cm-nightly: the report of {args.batch_name} cannot be regenerated: its embeddings or clusters "
+                  f"({embeddings}, {clusters}) are gone; nightly.json says so", file=sys.stderr)
+            out["report_missing"] = "the batch's embeddings or clusters no longer exist"
+    lease.check()
+    nw.write_nightly_summary(work, batch_dir, out)
+    out["status"] = "repaired"
+    return out
+
+
+def _write_report(args, embeddings: str, clusters: str, batch_dir: str, demo) -> Dict[str, Any]:
+    from cm_beam import report
+
+    out_dir = artifacts.join(batch_dir, nw.REPORT)
+    artifacts.remove_tree(out_dir)  # no plot of an earlier batch survives beside this one's
     return report.write_report(
-        artifacts.join(batch_dir, nw.REPORT),
-        embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
-        clusters=artifacts.join(clusters.path, CLUSTER_SHARDS),
+        out_dir,
+        embeddings=artifacts.join(embeddings, EMBEDDING_SHARDS),
+        clusters=artifacts.join(clusters, CLUSTER_SHARDS),
         selection=nw.selection_glob(batch_dir),
         labels=demo["labels"] if demo else None,
+        stamp={"batch_name": args.batch_name, "batch_manifest_sha256": nw.batch_manifest_sha256(batch_dir)},
     )
 
 
@@ -393,12 +510,25 @@ def _exists(path: str) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cm_runner.run_main("cm-nightly", run, argv, _print_summary)
+    import signal
+
+    verbose = cm_runner.verbose_requested(sys.argv[1:] if argv is None else argv)
+
+    def terminate(signum, frame):  # SIGTERM (a scheduler's stop): unwind, so the lease is released
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+    cm_runner.run_main("cm-nightly", run, argv, _print_summary, verbose=verbose, quiet_imports=("tensorflow",))
 
 
 def _print_summary(summary) -> None:
     if summary.get("status") == "already complete":
         print(f"cm-nightly: batch already complete: {summary.get('batch_dir')}")
+        return
+    if summary.get("status") == "repaired":
+        print(f"cm-nightly: batch {summary['batch_name']} was complete; its nightly.json"
+              f"{' and report' if summary.get('report') else ''} regenerated: {summary.get('batch_dir')}")
         return
     for name, stage in summary["stages"].items():
         print(f"cm-nightly: {name:8s} {stage['status']:7s} {stage['seconds']:8.1f} s  {stage.get('output', '')}")

@@ -348,3 +348,36 @@ def test_model_is_loaded_once_per_worker_process(tmp_path, monkeypatch, models, 
     summary = _run(manifest_pool, models["classifier"], tmp_path / "out", "--inference_batch_size", "2")
     assert summary["counts"]["embedded"] >= 10 * 2  # at least ten model calls
     assert loads == [os.getpid()]  # in-process runner: this process, once
+
+
+def test_decompression_bombs_become_dead_letter_rows(tmp_path, models, images):
+    """A 20000 x 20000 PNG and JPEG (headers crafted, pixels never allocated) in a pool:
+    rejected with the reason, the good images embedded as without them."""
+    from tests.test_image_decode import bomb_jpeg, bomb_png
+
+    good, _ = images
+    keep = dict(list(good.items())[:6])
+    (tmp_path / "img").mkdir()
+    rows = {**keep, "bomb-png": bomb_png(20000, 20000), "bomb-jpeg": bomb_jpeg(20000, 20000)}
+    for k, data in rows.items():
+        (tmp_path / "img" / f"{k}.bin").write_bytes(data)
+    pq.write_table(pa.table({"example_id": list(rows), "uri": [f"img/{k}.bin" for k in rows]}), tmp_path / "pool.parquet")
+    summary = _run(str(tmp_path / "pool.parquet"), models["classifier"], tmp_path / "out")
+    assert summary["counts"] == {"read": 8, "embedded": 6, "rejected": 2}
+    rejected = _rejected(str(tmp_path / "out"))
+    for k in ("bomb-png", "bomb-jpeg"):
+        assert rejected[k][1].startswith("image too large:") and "20000 x 20000" in rejected[k][1], rejected[k]
+    ids, embedding, probs = _reference(models["classifier"], keep)
+    _check_against_reference(str(tmp_path / "out"), ids, embedding, probs)
+    # --max_image_pixels is the limit: with 1 every image is refused before decoding.
+    summary = _run(str(tmp_path / "pool.parquet"), models["classifier"], tmp_path / "out1", "--max_image_pixels", "1")
+    assert summary["counts"] == {"read": 8, "embedded": 0, "rejected": 8}
+    assert all(r[1].startswith("image too large:") for r in _rejected(str(tmp_path / "out1")).values())
+
+
+def test_a_file_that_is_not_a_keras_archive_is_named_as_such(tmp_path, manifest_pool):
+    fake = tmp_path / "model.keras"
+    fake.write_text("not a model")
+    with pytest.raises(InputError, match=r"--model: cannot load .*model.keras: it is not a Keras 3 `.keras` file \(a zip archive\)"):
+        _run(manifest_pool, str(fake), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -86,3 +86,84 @@ def test_bad_images_are_reported_and_good_ones_unchanged(images):
 def test_all_bad_gives_an_empty_array():
     out, ok, reasons = ImageDecoder(4).decode([b"x", None])
     assert out.shape == (0, 4, 4, 3) and not ok.any() and reasons[0]
+
+
+# ---------------------------------------------------------------------------
+# Decompression bombs: the header's declared size is checked before decoding.
+
+
+def bomb_png(width, height):
+    """A real PNG header (signature, IHDR with a valid CRC) declaring width x height, and a
+    few bytes of IDAT: 1.2 GB of pixels declared in under 100 bytes."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def bomb_jpeg(width, height):
+    """A real small JPEG whose frame header (SOF0) is rewritten to declare width x height."""
+    import struct
+
+    data = bytearray(tf.io.encode_jpeg(np.zeros((8, 8, 3), np.uint8)).numpy())
+    i = 2
+    while data[i + 1] != 0xC0:  # walk the marker segments to the SOF0 frame header
+        i += 2 + struct.unpack(">H", bytes(data[i + 2:i + 4]))[0]
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def test_declared_size_equals_the_decoded_shape_for_every_format():
+    """The header parser against the pixels TensorFlow (and Pillow, for WebP) decode."""
+    from cm_beam.image_decode import declared_size
+
+    rng = np.random.default_rng(3)
+    for h, w in ((1, 1), (7, 300), (257, 3), (40, 41)):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        for fmt, data in (("PNG", tf.io.encode_png(rgb).numpy()),
+                          ("JPEG", tf.io.encode_jpeg(rgb).numpy()),
+                          ("JPEG", _encode(rgb, "JPEG", progressive=True)),
+                          ("GIF", _encode(rgb, "GIF")),
+                          ("BMP", _encode(rgb, "BMP"))):
+            decoded = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+            assert decoded.shape[:2] == (h, w)
+            assert declared_size(data) == (fmt, w, h), (fmt, h, w)
+        for lossless in (False, True):
+            try:
+                webp = _encode(rgb, "WEBP", lossless=lossless)
+            except (KeyError, OSError):
+                continue  # Pillow without WebP
+            with Image.open(io.BytesIO(webp)) as im:
+                assert declared_size(webp) == ("WebP", im.size[0], im.size[1]) == ("WebP", w, h)
+    assert declared_size(b"") is None and declared_size(b"not an image") is None
+    assert declared_size(b"\x89PNG\r\n\x1a\n\0\0") is None  # truncated: TensorFlow gives the reason
+
+
+def test_huge_png_and_jpeg_headers_are_rejected_without_decoding(images, monkeypatch):
+    from cm_beam import image_decode
+
+    png, jpeg = bomb_png(20000, 20000), bomb_jpeg(20000, 20000)
+    assert len(png) < 200 and image_decode.declared_size(png) == ("PNG", 20000, 20000)
+    assert image_decode.declared_size(jpeg) == ("JPEG", 20000, 20000)
+    decoder = ImageDecoder(SIZE)  # the default limit
+    assert decoder.max_pixels == image_decode.DEFAULT_MAX_IMAGE_PIXELS < 20000 * 20000
+    decoded_batches = []
+    real = decoder._compiled()
+    decoder._fn = lambda batch: (decoded_batches.append(batch.shape[0]), real(batch))[1]
+    out, ok, reasons = decoder.decode([images["png"], png, jpeg, images["jpeg"]])
+    assert ok.tolist() == [True, False, False, True]
+    for reason, fmt in ((reasons[1], "PNG"), (reasons[2], "JPEG")):
+        assert reason == (f"image too large: its {fmt} header declares 20000 x 20000 = 400000000 pixels, more than "
+                          f"--max_image_pixels {image_decode.DEFAULT_MAX_IMAGE_PIXELS}; not decoded")
+    assert decoded_batches == [2]  # only the two good images reached TensorFlow, in one call
+    np.testing.assert_array_equal(out, ImageDecoder(SIZE).decode([images["png"], images["jpeg"]])[0])
+    # The limit is inclusive and configurable; a real image above it is refused as well.
+    h, w = images["rgb"].shape[:2]
+    _, ok, reasons = ImageDecoder(SIZE, max_pixels=h * w).decode([images["png"]])
+    assert ok.all()
+    _, ok, reasons = ImageDecoder(SIZE, max_pixels=h * w - 1).decode([images["png"]])
+    assert not ok.any() and reasons[0].startswith(f"image too large: its PNG header declares {w} x {h}")
+    _, ok, _ = ImageDecoder(SIZE, max_pixels=None).decode([images["png"]])
+    assert ok.all()

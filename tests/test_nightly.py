@@ -13,6 +13,9 @@
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -46,7 +49,7 @@ def first_night(tmp_path_factory):
     work = tmp_path_factory.mktemp("nightly") / "work"
     summary = nightly.run(["--demo", "--demo_size", str(POOL_SIZE), "--work_dir", str(work), "--batch_size", str(BATCH),
                            "--batch_name", "day1", "--seed", "3"] + FN)
-    demo = artifacts.read_json(str(work / "demo" / "demo.json"))
+    demo = nightly.read_demo_info(str(work))
     # The demo inputs as they were (a later test grows the pool in place).
     pristine = tmp_path_factory.mktemp("pristine") / "demo"
     shutil.copytree(work / "demo", pristine)
@@ -208,6 +211,256 @@ def test_work_dir_helpers():
     assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.dask_runner.DaskRunner"]
     assert nw.stage_beam_args(["--runner=FlinkRunner"], "cluster") == ["--runner=FlinkRunner"]
     assert nw.pool_key("gs://b/pool/*.csv", None) == nw.pool_key("gs://b/pool/*.csv/", None) != nw.pool_key("gs://b/p2/*", None)
+
+
+# ---------------------------------------------------------------------------
+# Integrity: one run per work dir, a complete batch is whole, a work dir can move.
+
+PY = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A real cm-nightly process that takes the lease, then blocks inside its first stage
+# until the test lets it go (argv: <started file> <release file> cm-nightly flags...).
+HOLDER = """
+import os, sys, time
+from pipelines import nightly
+def blocking_embed(*args, **kwargs):
+    open(sys.argv[1], "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    raise RuntimeError("the test stopped this run inside its embed stage")
+nightly._embed = blocking_embed
+nightly.main(sys.argv[3:])
+"""
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _start_holder(tmp_path, name, argv):
+    started, release = tmp_path / f"{name}.started", tmp_path / f"{name}.release"
+    proc = subprocess.Popen([PY, "-c", HOLDER, str(started), str(release)] + argv, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not started.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the holder never reached its embed stage"
+        time.sleep(0.05)
+    return proc, release
+
+
+def _cli(argv, cwd=None):
+    return subprocess.run([PY, "-m", "pipelines.nightly"] + argv, env=_env(), cwd=cwd or ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
+
+
+def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path):
+    """The issue's case: two runs, one work dir, one batch name, batch sizes 200 and 150."""
+    import socket
+
+    from cm_beam import lease
+
+    work = tmp_path / "work"
+    base = ["--pool", str(tmp_path / "pool.csv"), "--model", str(tmp_path / "m.keras"), "--work_dir", str(work),
+            "--distance_threshold", "0.1", "--batch_name", "same"] + FN
+    first, release = _start_holder(tmp_path, "first", base + ["--batch_size", "200"])
+    record = artifacts.read_json(str(work / lease.LEASE_NAME))
+    assert record["pid"] == first.pid and record["host"] == socket.gethostname() and record["batch_name"] == "same"
+
+    second = _cli(base + ["--batch_size", "150"])
+    assert second.returncode == 2, second.stderr
+    err = second.stderr
+    assert "cm-nightly: error: --work_dir:" in err and "in use by another cm-nightly run" in err
+    assert f"host {socket.gethostname()}, pid {first.pid}" in err and f"started {record['started_at']}" in err
+    assert "--lease_timeout" in err and "--take_over_lease" in err and "Traceback" not in err
+    assert sorted(os.listdir(work)) == [lease.LEASE_NAME]  # the refused run wrote nothing
+    assert artifacts.read_json(str(work / lease.LEASE_NAME)) == record  # nor touched the lease
+
+    release.touch()
+    first.communicate(timeout=120)
+    assert first.returncode != 0  # the blocking stage raised
+    assert not (work / lease.LEASE_NAME).exists()  # a failed run releases its lease
+
+
+def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(tmp_path):
+    from cm_beam import lease
+
+    work = tmp_path / "work"
+    base = ["--pool", str(tmp_path / "pool.csv"), "--model", str(tmp_path / "m.keras"), "--work_dir", str(work),
+            "--distance_threshold", "0.1", "--batch_size", "5"] + FN
+    crashed, _ = _start_holder(tmp_path, "crashed", base + ["--batch_name", "a"])
+    crashed.send_signal(signal.SIGKILL)  # no finally runs: the lease stays behind
+    crashed.communicate(timeout=60)
+    stale = artifacts.read_json(str(work / lease.LEASE_NAME))
+    assert stale["pid"] == crashed.pid
+
+    refused = _cli(base + ["--batch_name", "b"])  # default timeout (900 s): still looks alive
+    assert refused.returncode == 2 and f"pid {crashed.pid}" in refused.stderr
+
+    time.sleep(1.5)  # the dead run renews nothing: after --lease_timeout 1 it is stale
+    taker, release = _start_holder(tmp_path, "taker", base + ["--batch_name", "b", "--lease_timeout", "1"])
+    record = artifacts.read_json(str(work / lease.LEASE_NAME))
+    assert record["pid"] == taker.pid and record["token"] != stale["token"]
+    assert (work / f"{lease.LEASE_NAME}.taken-{stale['token']}").exists()
+    # While it runs it renews its lease (every timeout/4): a third run with the same
+    # timeout still finds it alive.
+    time.sleep(1.5)
+    third = _cli(base + ["--batch_name", "c", "--lease_timeout", "1"])
+    assert third.returncode == 2 and f"pid {taker.pid}" in third.stderr, third.stderr
+    taker.send_signal(signal.SIGKILL)
+    taker.communicate(timeout=60)
+    release.touch()
+
+    # --take_over_lease takes a lease at once, however fresh.
+    forced, release = _start_holder(tmp_path, "forced", base + ["--batch_name", "d", "--take_over_lease"])
+    err_so_far = artifacts.read_json(str(work / lease.LEASE_NAME))
+    assert err_so_far["pid"] == forced.pid
+    release.touch()
+    _, err = forced.communicate(timeout=120)
+    assert f"taking over the lease of host" in err and f"pid {taker.pid}" in err
+    assert not (work / lease.LEASE_NAME).exists()
+
+
+RACER = """
+import os, sys, time
+from cm_beam import lease
+root, go = sys.argv[1], sys.argv[2]
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    held = lease.acquire(root, "race", timeout_seconds=60, renew_seconds=0)
+except lease.LeaseHeld:
+    print("refused")
+else:
+    print("won")
+    time.sleep(3)
+    held.release()
+"""
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lease-taken-over"])
+def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
+    from cm_beam import lease
+
+    root = tmp_path / "work"
+    if stale:  # a dead run's lease (renewed at 1970): every racer finds it stale and tries to take it over
+        root.mkdir()
+        (root / lease.LEASE_NAME).write_text('{"token": "dead", "renewed_unix": 0, "pid": 1}')
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([PY, "-c", RACER, str(root), str(go)], env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(2)  # let every interpreter start and wait on the same file
+    go.touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert sorted(o.strip() for o, _ in outs) == ["refused", "refused", "refused", "won"], outs
+    assert not (root / lease.LEASE_NAME).exists()
+
+
+def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_repairs_it(first_night, monkeypatch):
+    """The issue's case: --replace_batch with another batch size, killed while plotting."""
+    from cm_beam import report
+
+    base = same_night_flags(first_night) + ["--batch_name", "rep", "--report", "true"]
+    first = nightly.run(base)
+    batch_dir = first["batch_dir"]
+    assert artifacts.read_json(os.path.join(batch_dir, "report", "report.json"))["batch_rows"] == BATCH
+    os.makedirs(os.path.join(batch_dir, "beam-temp-selection-deadbeef"))  # a killed job's leftovers
+    open(os.path.join(batch_dir, "beam-temp-selection-deadbeef", "part"), "w").close()
+    # Stage outputs of runs that died (no manifest): removed once a batch is complete.
+    work = first_night["work"]
+    dead = [work / "embeddings" / "0000dead", work / "clusters" / os.path.basename(os.path.dirname(first["clusters"])) / "dead"]
+    for d in dead:
+        os.makedirs(d / "beam-temp-x")
+        (d / "embeddings-00000-of-00002.parquet").write_bytes(b"partial")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed in the report step")
+
+    monkeypatch.setattr(report, "write_report", killed)
+    with pytest.raises(KeyboardInterrupt):
+        nightly.run(base + ["--replace_batch", "--batch_size", "10"])
+    monkeypatch.undo()
+    assert all(d.exists() for d in dead)  # the batch's run did not finish: nothing removed yet
+    # The new batch is complete (cm-select's manifest), and nothing of the old one is left
+    # beside it: no nightly.json, no report of 20 rows, no beam-temp.
+    assert artifacts.read_manifest(batch_dir)["counts"]["selected"] == 10
+    assert sorted(f for f in os.listdir(batch_dir) if not f.endswith(".parquet")) == ["manifest.json"]
+
+    repaired = nightly.run(base)
+    assert repaired["status"] == "repaired"
+    sha = nw.batch_manifest_sha256(batch_dir)
+    numbers = artifacts.read_json(os.path.join(batch_dir, "report", "report.json"))
+    assert numbers["batch_rows"] == 10 == len(selection(batch_dir)) and numbers["batch_manifest_sha256"] == sha
+    stored = artifacts.read_json(os.path.join(batch_dir, nw.NIGHTLY_SUMMARY))
+    assert stored["batch_manifest_sha256"] == sha and stored["counts"]["selected"] == 10
+    assert stored["embeddings"] == os.path.relpath(first["embeddings"], first_night["work"])
+    assert stored["clusters"] == os.path.relpath(first["clusters"], first_night["work"])
+    again = nightly.run(base)
+    assert again["status"] == "already complete" and again["batch_dir"] == batch_dir
+    done = nightly.run(same_night_flags(first_night) + ["--batch_name", "rep2"])
+    assert sorted(done["removed_incomplete"]) == sorted(str(d) for d in dead) and not any(d.exists() for d in dead)
+    assert os.path.exists(done["embeddings"]) and os.path.exists(done["clusters"])
+
+    # A summary that describes another batch (copied over, or left by an older run) is
+    # not trusted either.
+    shutil.copy(os.path.join(first_night["summary"]["batch_dir"], nw.NIGHTLY_SUMMARY), os.path.join(batch_dir, nw.NIGHTLY_SUMMARY))
+    assert nightly.run(base)["status"] == "repaired"
+    assert artifacts.read_json(os.path.join(batch_dir, nw.NIGHTLY_SUMMARY))["batch_manifest_sha256"] == sha
+
+
+def test_work_dir_runs_from_anywhere_and_a_copy_uses_its_own_pool_and_model(first_night, tmp_path, monkeypatch):
+    """Run the demo in A (relative --work_dir), move A to B and run from elsewhere as a real
+    process, then copy B to C, delete B's inputs, and run C."""
+    a = tmp_path / "A"
+    shutil.copytree(first_night["pristine"], a / "work" / "demo")  # demo inputs, nothing computed
+    monkeypatch.chdir(a)
+    demo_flags = ["--demo", "--demo_size", str(POOL_SIZE), "--batch_size", str(BATCH), "--seed", "3"] + FN
+    one = nightly.run(demo_flags + ["--work_dir", "work", "--batch_name", "m1"])
+    assert one["status"] == "complete" and one["batch_dir"] == str(a / "work" / "batches" / "m1")
+    stored = artifacts.read_json(str(a / "work" / "batches" / "m1" / nw.NIGHTLY_SUMMARY))
+    assert stored["parameters"]["pool"] == "demo/pool/pool.csv" and stored["parameters"]["model"] == "demo/model.keras"
+    assert stored["batch_dir"] == "batches/m1" and stored["parameters"]["work_dir"] == "."
+
+    b = tmp_path / "B" / "moved"
+    b.parent.mkdir()
+    shutil.move(str(a / "work"), str(b))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    two = _cli(demo_flags + ["--work_dir", str(b), "--batch_name", "m2"], cwd=str(elsewhere))
+    assert two.returncode == 0, two.stderr
+    stages = artifacts.read_json(str(b / "batches" / "m2" / nw.NIGHTLY_SUMMARY))["stages"]
+    assert stages["cluster"]["status"] == "cached"  # the clusters moved with the work dir
+    assert f"reusing the pool and model in {b}/demo" in two.stderr
+    # The earlier batch is still pending in the moved work dir: excluded automatically.
+    assert not set(selection(b / "batches" / "m2")) & set(selection(b / "batches" / "m1"))
+    # A successful run prints its progress and summary, not third-party noise.
+    for noise in ("I0000", "E0000", "W0000", "Resource module", "Traceback", "absl::InitializeLog"):
+        assert noise not in two.stderr + two.stdout, noise
+    assert "cm-nightly [3/4] select: ran" in two.stderr and "cm-nightly: batch m2: 20 examples" in two.stdout
+
+    c = tmp_path / "C" / "copy"
+    shutil.copytree(b, c)
+    shutil.rmtree(b / "demo")  # the original's pool and model are gone: the copy must not need them
+    monkeypatch.chdir(elsewhere)
+    three = nightly.run(demo_flags + ["--work_dir", str(c), "--batch_name", "m3"])
+    assert three["status"] == "complete"
+    assert three["parameters"]["pool"] == str(c / "demo" / "pool" / "pool.csv")
+    assert three["stages"]["embed"]["output"].startswith(str(c) + "/")
+    assert three["auto_excluded_batches"] == ["m1", "m2"]
+
+
+def test_verbose_shows_third_party_logs_and_the_default_hides_them():
+    import logging
+
+    from cm_beam import runner
+
+    filt = runner._OwnRecordsOnly()
+    record = lambda name: logging.LogRecord(name, logging.WARNING, "x.py", 1, "msg", None, None)  # noqa: E731
+    assert filt.filter(record("cm_beam.nightly")) and filt.filter(record("pipelines.nightly"))
+    assert not filt.filter(record("root")) and not filt.filter(record("apache_beam.runners.worker"))
+    assert runner.verbose_requested(["--x", "--verbose"]) and runner.verbose_requested(["--verbose=true"])
+    assert not runner.verbose_requested(["--verbose=false"]) and not runner.verbose_requested([])
 
 
 @pytest.mark.slow
