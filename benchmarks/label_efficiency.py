@@ -228,6 +228,38 @@ def bench_lock(path: Optional[str]):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def code_commit() -> Optional[str]:
+    """The commit of the code running this benchmark ('+dirty' if its tree has edits), so
+    every recorded curve names what produced it; None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+@contextlib.contextmanager
+def curve_claim(path: str):
+    """A non-blocking flock on `<curve>.running`: yields False when another process is
+    running this curve, so several benchmark processes can share one list of curves."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".running", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def curve_matches(record: dict, key: str, strategy: str, config: Config) -> bool:
     """A recorded curve counts for `key`: same key, or a baseline recorded before curve
     keys existed (LEGACY_CONFIG) under exactly today's pool, budget, CNN and test set."""
@@ -487,6 +519,7 @@ def run_curve(setting_name: str, strategy: str, seed: int, data: Data, config: C
         "round_seconds": round_seconds, "seconds": time.time() - start,
         "selector": selector.info,
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": code_commit(),
     }
     _write_json(os.path.join(out_dir, f"{setting_name}__{label}__seed{seed}.json"), record)
     return record
@@ -836,7 +869,12 @@ def run_curves(todo, data_factory, out_dir: str, work_dir: str, command: str, lo
         if os.path.exists(path) and curve_matches(_read_json(path), key, strategy, config):
             continue
         name = f"{setting}/{label}/seed{seed}"
-        with bench_lock(lock) as waited:
+        with curve_claim(path) as mine, bench_lock(lock if mine else "") as waited:
+            if not mine:
+                _LOG.info("curve %s is being run by another process; skipped", name)
+                continue
+            if os.path.exists(path) and curve_matches(_read_json(path), key, strategy, config):
+                continue  # finished by another process while this one waited
             _LOG.info("curve %s (waited %.0fs for the lock)", name, waited)
             try:
                 record = run_curve(setting, strategy, seed, data, config, out_dir, work_dir, command, label=label)

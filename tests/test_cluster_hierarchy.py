@@ -14,8 +14,8 @@ from cm_beam.hierarchy import batch_to_merges
 from cm_beam import knn_kernels as kk
 from cm_beam.errors import InputError
 from pipelines import build_clusters
-from tests.conftest import beam_args
-from tests.test_build_clusters import blobs, ids_for, read_labels, scipy_reference, write_pool
+from tests.conftest import beam_args, write_embeddings as write_pool
+from tests.test_build_clusters import blobs, ids_for, read_labels, scipy_reference
 from tests.test_hac_kernels import gap_thresholds, same_partition
 
 
