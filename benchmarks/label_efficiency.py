@@ -229,14 +229,15 @@ def bench_lock(path: Optional[str]):
 
 
 def code_commit() -> Optional[str]:
-    """The commit of the code running this benchmark ('+dirty' if its tree has edits), so
+    """The commit of the code running this benchmark ('+dirty' if its code has edits), so
     every recorded curve names what produced it; None outside a git checkout."""
     import subprocess
 
     try:
         head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!benchmarks/results", ":!benchmarks/README.md"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
