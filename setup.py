@@ -28,7 +28,7 @@ setup(
         # picks a numpy or pyarrow Beam was not released against.
         "numpy>=1.24,<2.5.0",
         "pyarrow>=14,<26.0.0",
-        # The demo pool's drawn images (cm_beam/demo_pool.py).
+        # The demo pool's drawn images (cm_beam/testing/demo_pool.py).
         "pillow>=9",
     ],
     extras_require={

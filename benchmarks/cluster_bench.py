@@ -12,7 +12,7 @@
     kNN recall, on the FnApiRunner ("DirectRunner") with 2 worker processes.
 (c) crossover: exact vs ivf kNN on synthetic pools of a few sizes (where `auto` switches).
 (d) blas_threads: (a)'s pool at eps 0.3, 2 worker processes, alternating runs with
-    cm_beam.worker_threads' BLAS threads per worker (cores // workers) and with every
+    cm_beam.runtime.worker_threads' BLAS threads per worker (cores // workers) and with every
     worker using all cores' threads: medians of wall time and kNN stage time.
 
 Every measured run is a separate child process; peak memory is the largest sum of
@@ -163,7 +163,7 @@ def _child_sklearn(emb_path, out_path, eps, k):
 
 
 def _read_clusters(out_dir, n):
-    from cm_beam import table_io
+    from cm_beam.io import table_io
 
     t = table_io.read_table(os.path.join(out_dir, "clusters-*.parquet"))
     ids = t.column("example_id").to_pylist()
@@ -183,7 +183,7 @@ def cm_cluster_cmd(pattern, out_dir, eps, extra=()):
 def run_fashion(n: int, eps_list, workdir: str):
     from sklearn.metrics import adjusted_rand_score
 
-    from cm_beam.cluster import DEFAULT_NUM_NEIGHBORS
+    from cm_beam.clustering.build_clusters import DEFAULT_NUM_NEIGHBORS
 
     z = fashion_embeddings(n)
     emb_path = os.path.join(workdir, "fashion.npy")
@@ -233,9 +233,9 @@ def run_fashion(n: int, eps_list, workdir: str):
 
 def run_blas_threads(n: int, eps: float, workdir: str, repeats: int):
     """cm-cluster on the Fashion-MNIST pool with 2 worker processes, alternating: BLAS
-    threads per worker as cm_beam.worker_threads sets them (cores // workers) vs every
+    threads per worker as cm_beam.runtime.worker_threads sets them (cores // workers) vs every
     worker with all cores' threads (set through the environment, which it respects)."""
-    from cm_beam import worker_threads
+    from cm_beam.runtime import worker_threads
 
     pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
     base = {k: v for k, v in os.environ.items() if k not in worker_threads.THREAD_VARIABLES}

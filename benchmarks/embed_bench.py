@@ -102,7 +102,7 @@ BASELINE_CODE = r"""
 import json, sys, time, numpy as np
 import tensorflow as tf
 sys.path.insert(0, {root!r})
-from cm_beam.keras_model_handler import load_keras_model, _embed_model
+from cm_beam.embedding.keras_model_handler import load_keras_model, _embed_model
 import pyarrow.parquet as pq, os
 work, model_path, size, batch, mode = {work!r}, {model!r}, {size}, {batch}, {mode!r}
 table = pq.read_table(os.path.join(work, "manifest.parquet"))

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cm_beam.hashing import hash_ids
-from cm_beam.select_impl import PICK_SALT, TIE_SALT, UNCLUSTERED_SALT
+from cm_beam.selection.select_impl import PICK_SALT, TIE_SALT, UNCLUSTERED_SALT
 
 
 def read(pattern, columns):

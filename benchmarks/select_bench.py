@@ -34,8 +34,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from cm_beam import table_io  # noqa: E402
-from cm_beam.synthetic_pool import make_pool, write_sharded  # noqa: E402
+from cm_beam.io import table_io  # noqa: E402
+from cm_beam.testing.synthetic_pool import make_pool, write_sharded  # noqa: E402
 from measure import run_measured  # noqa: E402
 
 

@@ -22,11 +22,11 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from cm_beam import select_impl as impl  # noqa: E402
-from cm_beam import selection_kernels as sk  # noqa: E402
-from cm_beam import table_io  # noqa: E402
-from cm_beam.select import ROWS_PER_SELECT_BUCKET, MAX_BUCKETS  # noqa: E402
-from cm_beam.synthetic_pool import make_pool, write_sharded  # noqa: E402
+from cm_beam.selection import select_impl as impl  # noqa: E402
+from cm_beam.selection import kernels as sk  # noqa: E402
+from cm_beam.io import table_io  # noqa: E402
+from cm_beam.selection.select_batch import ROWS_PER_SELECT_BUCKET, MAX_BUCKETS  # noqa: E402
+from cm_beam.testing.synthetic_pool import make_pool, write_sharded  # noqa: E402
 from pipelines.select_batch import ROWS_PER_JOIN_BUCKET  # noqa: E402
 
 

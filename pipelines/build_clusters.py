@@ -3,7 +3,7 @@
 Reads Parquet with `example_id` and `embedding` and writes `clusters-*.parquet`
 (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64), `merges-*.parquet`
 (every merge: cluster_a, cluster_b, merged, height, size, round; see
-cm_beam/hierarchy_kernels.py), `rejected-*.parquet` (example_id, reason: non_finite,
+cm_beam/clustering/hierarchy_kernels.py), `rejected-*.parquet` (example_id, reason: non_finite,
 zero_vector, null_embedding, empty_embedding) and `manifest.json` last (parameters, the
 cut, counts, size histogram, rounds, kNN recall, timings, input fingerprint).
 
@@ -35,12 +35,14 @@ from typing import Dict, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts, hierarchy, table_io
-from cm_beam import cluster as cl
-from cm_beam import runner as cm_runner
+from cm_beam.io import artifacts
+from cm_beam.clustering import hierarchy
+from cm_beam.io import table_io
+from cm_beam.clustering import build_clusters as cl
+from cm_beam.runtime import runner as cm_runner
 from cm_beam.errors import InputError
 
-_LOG = logging.getLogger("cm_beam.cluster")
+_LOG = logging.getLogger("cm_beam.clustering.build_clusters")
 SUMMARY_NAME = "_summary.json"
 # Rows per Beam element when reading: big blocks amortise per-element overhead.
 BLOCK_ROWS = 32_768

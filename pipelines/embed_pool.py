@@ -26,11 +26,13 @@ from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
 
-from cm_beam import artifacts, image_sources, table_io
-from cm_beam.embed import DEFAULT_INFERENCE_BATCH_SIZE, EmbedAndScore
-from cm_beam.image_decode import DEFAULT_MAX_IMAGE_PIXELS
-from cm_beam.keras_model_handler import MARGIN_REDUCES, REJECTED_SCHEMA, check_model, output_schema
-from cm_beam.runner import (
+from cm_beam.io import artifacts
+from cm_beam.embedding import image_sources
+from cm_beam.io import table_io
+from cm_beam.embedding.embed_pool import DEFAULT_INFERENCE_BATCH_SIZE, EmbedAndScore
+from cm_beam.embedding.image_decode import DEFAULT_MAX_IMAGE_PIXELS
+from cm_beam.embedding.keras_model_handler import MARGIN_REDUCES, REJECTED_SCHEMA, check_model, output_schema
+from cm_beam.runtime.runner import (
     add_output_flags,
     run_main,
     non_negative_int,
@@ -195,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"{time.time() - started:.1f} s with start-up) -> {summary['outputs']['embeddings']}"
         )
 
-    from cm_beam.runner import verbose_requested
+    from cm_beam.runtime.runner import verbose_requested
     import sys
 
     args = sys.argv[1:] if argv is None else argv

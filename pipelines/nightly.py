@@ -21,7 +21,7 @@ One run:
 4. with --report (default with --demo): PNG plots next to the batch.
 
 Before anything is written, the run takes <work_dir>/nightly.lease (one run per
-work dir, cm_beam/lease.py): a second run refuses at once, naming the holder.
+work dir, cm_beam/nightly/lease.py): a second run refuses at once, naming the holder.
 
 Each stage is its own Beam job on the runner given by the standard Beam options
 (the job waits for each). The batch is complete when cm-select wrote its
@@ -45,10 +45,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from cm_beam import artifacts
-from cm_beam import lease as lease_mod
-from cm_beam import nightly as nw
-from cm_beam import runner as cm_runner
+from cm_beam.io import artifacts
+from cm_beam.nightly import lease as lease_mod
+from cm_beam.nightly import work_dir as nw
+from cm_beam.runtime import runner as cm_runner
 from cm_beam.errors import InputError
 
 _LOG = logging.getLogger("cm_beam.nightly")
@@ -232,7 +232,7 @@ def _prepare_demo(args) -> Dict[str, Any]:
     uris are relative to the manifest), so a work dir runs from any directory and a
     copy of it uses its own pool and model.
     """
-    from cm_beam import demo_pool
+    from cm_beam.testing import demo_pool
 
     demo_dir = artifacts.join(args.work_dir, "demo")
     if "://" in demo_dir:
@@ -265,8 +265,8 @@ def _prepare_demo(args) -> Dict[str, Any]:
 
 
 def _embed(args, work: nw.WorkDir, beam_args, progress: _Progress) -> nw.CompleteDir:
-    from cm_beam import image_sources
-    from cm_beam.keras_model_handler import file_sha256
+    from cm_beam.embedding import image_sources
+    from cm_beam.embedding.keras_model_handler import file_sha256
 
     begun = progress.begin("embed", f"fingerprinting the pool {args.pool} and the model {args.model}")
     pool = image_sources.inspect_pool(args.pool, args.pool_format,
@@ -489,7 +489,7 @@ def _complete_batch(args, work: nw.WorkDir, batch_dir: str, manifest, demo, leas
 
 
 def _write_report(args, embeddings: str, clusters: str, batch_dir: str, demo) -> Dict[str, Any]:
-    from cm_beam import report
+    from cm_beam.nightly import report
 
     out_dir = artifacts.join(batch_dir, nw.REPORT)
     artifacts.remove_tree(out_dir)  # no plot of an earlier batch survives beside this one's

@@ -25,13 +25,14 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts, table_io
-from cm_beam import runner as cm_runner
-from cm_beam import uncertainty as unc
+from cm_beam.io import artifacts
+from cm_beam.io import table_io
+from cm_beam.runtime import runner as cm_runner
+from cm_beam.selection import uncertainty as unc
 from cm_beam.errors import InputError
-from cm_beam.select import REJECTED_SCHEMA, SELECTION_SCHEMA, STRATEGIES, SelectBatch
+from cm_beam.selection.select_batch import REJECTED_SCHEMA, SELECTION_SCHEMA, STRATEGIES, SelectBatch
 
-_LOG = logging.getLogger("cm_beam.select")
+_LOG = logging.getLogger("cm_beam.selection.select_batch")
 STATS_NAME = "_stats.json"
 ROWS_PER_JOIN_BUCKET = 200_000
 
@@ -76,7 +77,7 @@ def _validate(args, parser) -> None:
 
 
 def _make_demo(args) -> None:
-    from cm_beam import synthetic_pool
+    from cm_beam.testing import synthetic_pool
 
     demo_dir = os.path.join(os.path.dirname(os.path.abspath(args.output_dir.rstrip("/"))), "demo_pool")
     n = args.demo_size

@@ -72,7 +72,7 @@ def write_selection_inputs(tmp_path, n=3000, num_clusters=500, seed=0, exclude_f
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cm_beam.synthetic_pool import make_pool, write_sharded
+    from cm_beam.testing.synthetic_pool import make_pool, write_sharded
 
     tables = make_pool(n, num_clusters, seed=seed, margin_decimals=2)  # 2 decimals: many exact ties
     d = tmp_path / "pool"

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Tuple
 import numpy as np
 
 from cm_beam.hashing import hash_ids
-from cm_beam.select_impl import PICK_SALT, TIE_SALT, UNCLUSTERED_SALT
+from cm_beam.selection.select_impl import PICK_SALT, TIE_SALT, UNCLUSTERED_SALT
 
 
 def reference_select(

@@ -13,12 +13,13 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from sklearn.metrics import adjusted_rand_score
 
-from cm_beam import artifacts, table_io
-from cm_beam import hac_kernels as hk
-from cm_beam import knn_kernels as kk
-from cm_beam.cluster import CLUSTERS_SCHEMA, BuildClusters
+from cm_beam.io import artifacts
+from cm_beam.io import table_io
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.clustering import knn_kernels as kk
+from cm_beam.clustering.build_clusters import CLUSTERS_SCHEMA, BuildClusters
 from cm_beam.errors import InputError
-from cm_beam.knn_graph import KnnGraph
+from cm_beam.clustering.knn_graph import KnnGraph
 from pipelines import build_clusters
 from tests.conftest import DATAFLOW_DRY_RUN, beam_args, gaussian_blobs, write_embeddings
 from tests.test_hac_kernels import gap_thresholds, same_partition
@@ -301,7 +302,7 @@ def test_same_cluster_ids_with_one_or_two_workers_and_any_sharding(tmp_path):
 @pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
-    from cm_beam.runner import JobNotExecuted
+    from cm_beam.runtime.runner import JobNotExecuted
 
     x = blobs(n=60, d=8, k=3)
     path = str(tmp_path / "embeddings.parquet")
@@ -314,7 +315,7 @@ def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(tmp_path):
 
 
 def test_directed_edge_bound_is_an_upper_bound_and_exact_inside_shards():
-    from cm_beam.hac import _directed_bound, _directed_unique, _symmetric_edges
+    from cm_beam.clustering.hac import _directed_bound, _directed_unique, _symmetric_edges
 
     rng = np.random.default_rng(3)
     shards = rng.integers(0, 3, 400)

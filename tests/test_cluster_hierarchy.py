@@ -8,10 +8,11 @@ import pytest
 from scipy.cluster.hierarchy import fcluster
 from scipy.spatial.distance import cdist
 
-from cm_beam import artifacts, table_io
-from cm_beam import hierarchy_kernels as hik
-from cm_beam.hierarchy import batch_to_merges
-from cm_beam import knn_kernels as kk
+from cm_beam.io import artifacts
+from cm_beam.io import table_io
+from cm_beam.clustering import hierarchy_kernels as hik
+from cm_beam.clustering.hierarchy import batch_to_merges
+from cm_beam.clustering import knn_kernels as kk
 from cm_beam.errors import InputError
 from pipelines import build_clusters
 from tests.conftest import beam_args, write_embeddings as write_pool

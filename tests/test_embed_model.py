@@ -8,7 +8,7 @@ import pytest
 
 import keras  # noqa: E402
 
-from cm_beam import keras_model_handler as kmh
+from cm_beam.embedding import keras_model_handler as kmh
 from cm_beam.errors import InputError
 from tests.conftest import keras_trunk
 

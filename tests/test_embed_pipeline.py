@@ -21,11 +21,11 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cm_beam import artifacts
-from cm_beam.embed import EmbedAndScore
+from cm_beam.io import artifacts
+from cm_beam.embedding.embed_pool import EmbedAndScore
 from cm_beam.errors import InputError
-from cm_beam.image_sources import inspect_pool, ReadImagePool
-from cm_beam.keras_model_handler import output_schema
+from cm_beam.embedding.image_sources import inspect_pool, ReadImagePool
+from cm_beam.embedding.keras_model_handler import output_schema
 from pipelines import embed_pool
 from tests.conftest import beam_args, keras_trunk
 
@@ -335,7 +335,7 @@ def test_embed_and_score_transform_in_process(models, images, manifest_pool):
 def test_model_is_loaded_once_per_worker_process(tmp_path, monkeypatch, models, manifest_pool):
     """Many blocks, one load: the model is loaded in RunInference's setup (Beam's per-process
     shared cache), never per block or per model call."""
-    from cm_beam import keras_model_handler
+    from cm_beam.embedding import keras_model_handler
 
     loads = []
     original = keras_model_handler.KerasModelHandler.load_model

@@ -1,12 +1,12 @@
-"""cm_beam.hac_kernels against brute force and scipy's exact average-linkage HAC."""
+"""cm_beam.clustering.hac_kernels against brute force and scipy's exact average-linkage HAC."""
 
 import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import cdist
 
-from cm_beam import hac_kernels as hk
-from cm_beam import knn_kernels as kk
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.clustering import knn_kernels as kk
 from tests.conftest import gaussian_blobs
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from cm_beam import hashing
-from cm_beam import cluster as cl
-from cm_beam import hac_kernels as hk
-from cm_beam import select_impl as si
+from cm_beam.clustering import build_clusters as cl
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.selection import select_impl as si
 
 IDS = ["", "a", "img-000001", "gs://bucket/pool/00042.jpg", "é✓"]
 

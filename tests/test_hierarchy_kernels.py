@@ -1,4 +1,4 @@
-"""cm_beam.hierarchy_kernels: cuts of a recorded merge hierarchy against scipy's fcluster,
+"""cm_beam.clustering.hierarchy_kernels: cuts of a recorded merge hierarchy against scipy's fcluster,
 cut selection against brute force over every achievable cut."""
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from scipy.cluster.hierarchy import fcluster, linkage, maxdists
 from scipy.spatial.distance import cdist
 
-from cm_beam import hac_kernels as hk
-from cm_beam import hierarchy_kernels as hik
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.clustering import hierarchy_kernels as hik
 from cm_beam.errors import InputError
 from tests.test_hac_kernels import _blobs, _prepare, gap_thresholds, same_partition
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402  (Pillow writes the GIF and BMP test images)
 
-from cm_beam.image_decode import ImageDecoder  # noqa: E402
+from cm_beam.embedding.image_decode import ImageDecoder  # noqa: E402
 
 SIZE = 12
 
@@ -117,7 +117,7 @@ def bomb_jpeg(width, height):
 
 def test_declared_size_equals_the_decoded_shape_for_every_format():
     """The header parser against the pixels TensorFlow (and Pillow, for WebP) decode."""
-    from cm_beam.image_decode import declared_size
+    from cm_beam.embedding.image_decode import declared_size
 
     rng = np.random.default_rng(3)
     for h, w in ((1, 1), (7, 300), (257, 3), (40, 41)):
@@ -142,7 +142,7 @@ def test_declared_size_equals_the_decoded_shape_for_every_format():
 
 
 def test_huge_png_and_jpeg_headers_are_rejected_without_decoding(images, monkeypatch):
-    from cm_beam import image_decode
+    from cm_beam.embedding import image_decode
 
     png, jpeg = bomb_png(20000, 20000), bomb_jpeg(20000, 20000)
     assert len(png) < 200 and image_decode.declared_size(png) == ("PNG", 20000, 20000)

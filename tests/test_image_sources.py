@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cm_beam import image_sources
+from cm_beam.embedding import image_sources
 from cm_beam.errors import InputError
 
 

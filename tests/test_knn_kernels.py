@@ -1,10 +1,10 @@
-"""cm_beam.knn_kernels against brute force (scipy cdist, full sorts)."""
+"""cm_beam.clustering.knn_kernels against brute force (scipy cdist, full sorts)."""
 
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from cm_beam import knn_kernels as kk
+from cm_beam.clustering import knn_kernels as kk
 
 
 def _points(n=300, d=12, seed=0):

@@ -8,7 +8,7 @@ import pytest
 
 CODE = """
 import os, subprocess, sys
-from cm_beam import malloc_tuning
+from cm_beam.runtime import malloc_tuning
 print(malloc_tuning.tune_malloc())
 child = subprocess.run([sys.executable, "-c", "import os; print(os.environ.get('MALLOC_ARENA_MAX'), os.environ.get('MALLOC_MMAP_THRESHOLD_'))"],
                        capture_output=True, text=True, check=True)

@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm_beam import artifacts, demo_pool, table_io
-from cm_beam import nightly as nw
+from cm_beam.io import artifacts
+from cm_beam.testing import demo_pool
+from cm_beam.io import table_io
+from cm_beam.nightly import work_dir as nw
 from cm_beam.errors import InputError
 from pipelines import nightly
 
@@ -124,7 +126,7 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
 
 @pytest.mark.slow
 def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch, capsys):
-    from cm_beam import cluster as cluster_module
+    from cm_beam.clustering import build_clusters as cluster_module
     from pipelines import select_batch
 
     work = tmp_path / "work"
@@ -259,7 +261,7 @@ def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path
     """The issue's case: two runs, one work dir, one batch name, batch sizes 200 and 150."""
     import socket
 
-    from cm_beam import lease
+    from cm_beam.nightly import lease
 
     work = tmp_path / "work"
     base = ["--pool", str(tmp_path / "pool.csv"), "--model", str(tmp_path / "m.keras"), "--work_dir", str(work),
@@ -284,7 +286,7 @@ def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path
 
 
 def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(tmp_path):
-    from cm_beam import lease
+    from cm_beam.nightly import lease
 
     work = tmp_path / "work"
     base = ["--pool", str(tmp_path / "pool.csv"), "--model", str(tmp_path / "m.keras"), "--work_dir", str(work),
@@ -324,7 +326,7 @@ def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(t
 
 RACER = """
 import os, sys, time
-from cm_beam import lease
+from cm_beam.nightly import lease
 root, go = sys.argv[1], sys.argv[2]
 while not os.path.exists(go):
     time.sleep(0.001)
@@ -341,7 +343,7 @@ else:
 
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lease-taken-over"])
 def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
-    from cm_beam import lease
+    from cm_beam.nightly import lease
 
     root = tmp_path / "work"
     if stale:  # a dead run's lease (renewed at 1970): every racer finds it stale and tries to take it over
@@ -359,7 +361,7 @@ def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
 
 def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_repairs_it(first_night, monkeypatch):
     """The issue's case: --replace_batch with another batch size, killed while plotting."""
-    from cm_beam import report
+    from cm_beam.nightly import report
 
     base = same_night_flags(first_night) + ["--batch_name", "rep", "--report", "true"]
     first = nightly.run(base)
@@ -453,7 +455,7 @@ def test_work_dir_runs_from_anywhere_and_a_copy_uses_its_own_pool_and_model(firs
 def test_verbose_shows_third_party_logs_and_the_default_hides_them():
     import logging
 
-    from cm_beam import runner
+    from cm_beam.runtime import runner
 
     filt = runner._OwnRecordsOnly()
     record = lambda name: logging.LogRecord(name, logging.WARNING, "x.py", 1, "msg", None, None)  # noqa: E731
@@ -505,11 +507,11 @@ def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night,
 
 
 def test_report_numbers_equal_a_direct_count(tmp_path):
-    """cm_beam.report's streaming histograms against numpy over the whole tables."""
+    """cm_beam.nightly.report's streaming histograms against numpy over the whole tables."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cm_beam import report
+    from cm_beam.nightly import report
 
     rng = np.random.default_rng(1)
     n = 500

@@ -20,9 +20,11 @@ import urllib.request
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts, demo_pool, table_io
-from cm_beam import lease as lease_mod
-from cm_beam import nightly as nw
+from cm_beam.io import artifacts
+from cm_beam.testing import demo_pool
+from cm_beam.io import table_io
+from cm_beam.nightly import lease as lease_mod
+from cm_beam.nightly import work_dir as nw
 from pipelines import nightly
 
 BUCKET = "cm-test"

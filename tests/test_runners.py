@@ -24,9 +24,11 @@ import time
 
 import pytest
 
-from cm_beam import artifacts, demo_pool, table_io
-from cm_beam import nightly as nw
-from cm_beam import runner as cm_runner
+from cm_beam.io import artifacts
+from cm_beam.testing import demo_pool
+from cm_beam.io import table_io
+from cm_beam.nightly import work_dir as nw
+from cm_beam.runtime import runner as cm_runner
 from pipelines import nightly
 
 # Whole nightly jobs on Dask, portable and multi-process runners.
@@ -145,7 +147,7 @@ def test_dask_runner_on_a_local_dask_cluster(direct_two_workers, job, tmp_path):
 
 
 def tagged_outputs_and_two_sinks(port, tmp_path):
-    """What Beam 2.77's DaskRunner gets wrong and cm_beam.dask_runner fixes, checked directly.
+    """What Beam 2.77's DaskRunner gets wrong and cm_beam.runtime.dask_runner fixes, checked directly.
 
     A ParDo with a tagged output, each output to its own sink, a side input and a
     GroupByKey: every element must reach exactly its own sink.

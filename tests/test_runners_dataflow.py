@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cm_beam import artifacts
+from cm_beam.io import artifacts
 from cm_beam.errors import InputError
 from conftest import DATAFLOW_DRY_RUN, DATAFLOW_IMAGE
 
@@ -69,7 +69,7 @@ def _has(names, *wanted):
 
 
 def test_cm_embed_translates_for_dataflow(translate, tmp_path):
-    from cm_beam import demo_pool
+    from cm_beam.testing import demo_pool
     from pipelines import embed_pool
 
     info = demo_pool.make_pool(str(tmp_path / "pool"), 12, seed=0)

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cm_beam import table_io
+from cm_beam.io import table_io
 from cm_beam.errors import InputError
-from cm_beam.synthetic_pool import make_pool, write_sharded
+from cm_beam.testing.synthetic_pool import make_pool, write_sharded
 from conftest import DATAFLOW_DRY_RUN, beam_args, write_selection_inputs
 from pipelines import select_batch
 from cm_beam.hashing import hash_ids
-from cm_beam.select_impl import TIE_SALT
+from cm_beam.selection.select_impl import TIE_SALT
 from reference_cluster_margin import reference_select
 
 
@@ -276,7 +276,7 @@ def test_invalid_flags_fail_naming_the_flag(pool, tmp_path, capsys):
 @pytest.mark.slow
 def test_dataflow_dry_run_builds_the_job_but_writes_no_manifest(pool, tmp_path):
     pytest.importorskip("google.cloud.dataflow_v1beta3")
-    from cm_beam.runner import JobNotExecuted
+    from cm_beam.runtime.runner import JobNotExecuted
 
     out = tmp_path / "out"
     with pytest.raises(JobNotExecuted, match="--dry_run"):

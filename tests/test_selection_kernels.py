@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cm_beam import selection_kernels as sk
+from cm_beam.selection import kernels as sk
 
 
 def test_float32_order_bits_preserve_order():

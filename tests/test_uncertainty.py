@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cm_beam import uncertainty as unc
+from cm_beam.selection import uncertainty as unc
 
 
 def test_margin_is_top1_minus_top2():

@@ -7,8 +7,8 @@ import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from cm_beam import runner as cm_runner
-from cm_beam import worker_threads as wt
+from cm_beam.runtime import runner as cm_runner
+from cm_beam.runtime import worker_threads as wt
 from tests.conftest import beam_args
 
 

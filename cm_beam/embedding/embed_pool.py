@@ -1,7 +1,7 @@
 """Embed and score an image pool with the team's Keras model: the `EmbedAndScore` API.
 
 This is the first stage of every Cluster-Margin run and where most of the compute
-goes. It takes pool blocks (see `cm_beam.image_sources`: Arrow record batches of
+goes. It takes pool blocks (see `cm_beam.embedding.image_sources`: Arrow record batches of
 example_id, uri, image bytes) and gives, per image, the model's embedding (for
 clustering) and its uncertainty (for selection):
 
@@ -11,7 +11,7 @@ clustering) and its uncertainty (for selection):
 plus a `rejected` output (example_id, uri, reason) for every image that could not
 be read or decoded, or whose model output is not a probability vector. A bad image
 never fails the job; a model that does not fit the contract (see
-`cm_beam.keras_model_handler`) fails in the constructor, before any image is read.
+`cm_beam.embedding.keras_model_handler`) fails in the constructor, before any image is read.
 
 Stages, all on blocks (never one Python object per image):
 
@@ -20,7 +20,7 @@ Stages, all on blocks (never one Python object per image):
 2. `RunInference`: Beam's RunInference with a `KeyedModelHandler` around our
    `KerasModelHandler`; the key is the block's (example_ids, uris); one model call
    per block; the model is loaded once per worker process.
-3. `Score`: margin / entropy / predicted class from `cm_beam.uncertainty`, as an
+3. `Score`: margin / entropy / predicted class from `cm_beam.selection.uncertainty`, as an
    Arrow record batch.
 
 Usage (the nightly pipeline runs it in-process like this):
@@ -44,9 +44,9 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from cm_beam import image_sources
-from cm_beam.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, configure_threads
-from cm_beam.keras_model_handler import (
+from cm_beam.embedding import image_sources
+from cm_beam.embedding.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, configure_threads
+from cm_beam.embedding.keras_model_handler import (
     MARGIN_REDUCES,
     REJECTED_SCHEMA,
     KerasModelHandler,

@@ -23,7 +23,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from cm_beam import hierarchy_kernels as hik
+from cm_beam.clustering import hierarchy_kernels as hik
 
 MERGES_SCHEMA = pa.schema([("cluster_a", pa.int64()), ("cluster_b", pa.int64()), ("merged", pa.int64()),
                            ("height", pa.float64()), ("size", pa.int64()), ("round", pa.int32())])

@@ -2,7 +2,7 @@
 
 Every element is an Arrow record batch (or a small numpy aggregate): rows travel in
 blocks, and the two cuts of Cluster-Margin are computed from small aggregates (see
-`cm_beam.selection_kernels`). The stages, in order:
+`cm_beam.selection.kernels`). The stages, in order:
 
 1. `ScoreBlockFn`: the chosen uncertainty of each scores row (from a score column or
    from `probs`); invalid rows go to the rejected output with a reason.
@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cm_beam import selection_kernels as sk
-from cm_beam import uncertainty as unc
+from cm_beam.selection import kernels as sk
+from cm_beam.selection import uncertainty as unc
 from cm_beam.errors import InputError
 from cm_beam.hashing import derive, id_hash
 

@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import table_io
+from cm_beam.io import table_io
 from cm_beam.errors import InputError
 
 POOL_FORMATS = ("manifest", "tfrecord", "parquet")

@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts, table_io
+from cm_beam.io import artifacts
+from cm_beam.io import table_io
 
 MARGIN_BINS = np.linspace(0.0, 1.0, 41)
 
@@ -205,7 +206,7 @@ def write_report(out_dir: str, embeddings: str, clusters: str, selection: str, l
     so a reader can tell which batch the report describes.
     """
     if labels and class_names is None:
-        from cm_beam.demo_pool import CLASSES
+        from cm_beam.testing.demo_pool import CLASSES
 
         class_names = list(CLASSES)
     numbers = collect(embeddings, clusters, selection, labels)

@@ -40,7 +40,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from cm_beam import hac_kernels as hk
+from cm_beam.clustering import hac_kernels as hk
 from cm_beam.errors import InputError
 
 RULES = ("distance", "target", "num_clusters")

@@ -25,8 +25,8 @@ the same inputs and seed give the same batch on any runner and number of workers
 Example:
 
     import apache_beam as beam
-    from cm_beam import table_io
-    from cm_beam.select import SelectBatch
+    from cm_beam.io import table_io
+    from cm_beam.selection.select_batch import SelectBatch
 
     with beam.Pipeline() as p:
         scores = p | "Scores" >> table_io.ReadTableBlocks(score_files, ["example_id", "margin"])
@@ -51,9 +51,9 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.pvalue import AsSingleton
 
-from cm_beam import selection_kernels as sk
-from cm_beam import select_impl as impl
-from cm_beam import uncertainty as unc
+from cm_beam.selection import kernels as sk
+from cm_beam.selection import select_impl as impl
+from cm_beam.selection import uncertainty as unc
 
 SELECTION_SCHEMA = impl.SELECTION_SCHEMA
 REJECTED_SCHEMA = impl.REJECTED_SCHEMA

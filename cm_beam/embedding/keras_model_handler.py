@@ -22,7 +22,7 @@ imports tensorflow_hub, which does not import under TF 2.21; docs/design.md, "Da
 contracts", the model contract): it loads the model once per worker process
 (RunInference keeps it in Beam's per-process `Shared` cache), takes pre-batched
 blocks of decoded images and runs one compiled model call per block. `score_block`
-turns a block's outputs into the output rows with `cm_beam.uncertainty`.
+turns a block's outputs into the output rows with `cm_beam.selection.uncertainty`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from cm_beam import uncertainty
+from cm_beam.selection import uncertainty
 from cm_beam.errors import InputError
 
 _LOG = logging.getLogger(__name__)
@@ -246,7 +246,7 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, LoadedEmbedMo
         self._inter = int(inter_op_threads)
 
     def load_model(self) -> LoadedEmbedModel:
-        from cm_beam.image_decode import configure_threads
+        from cm_beam.embedding.image_decode import configure_threads
 
         configure_threads(self._intra, self._inter)
         c = self._contract

@@ -11,10 +11,10 @@ directory, which it owns:
                                    embeddings key, cluster parameters)
       batches/<batch_name>/        cm-select output: the batch sent to labelers
       batches/<batch_name>/report/ the demo report (PNG plots), optional
-      nightly.lease                the running nightly's lease (cm_beam.lease)
+      nightly.lease                the running nightly's lease (cm_beam.nightly.lease)
 
 Every directory is complete exactly when it holds the stage's `manifest.json`
-(written last, only on success: `cm_beam.artifacts`). So:
+(written last, only on success: `cm_beam.io.artifacts`). So:
 
 * embeddings are reused only when a complete directory exists for the same pool
   content, the same model file and the same parameters, and its manifest agrees
@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from apache_beam.io.filesystems import FileSystems
 
-from cm_beam import artifacts
+from cm_beam.io import artifacts
 from cm_beam.errors import InputError
 
 EMBEDDINGS = "embeddings"
@@ -318,7 +318,7 @@ def batch_clusters(batch_dir: str) -> int:
     """Distinct clusters the batch's examples come from (a singleton is its own cluster)."""
     import numpy as np
 
-    from cm_beam import table_io
+    from cm_beam.io import table_io
 
     table = table_io.read_table(selection_glob(batch_dir))
     if table.num_rows == 0 or "cluster_id" not in table.column_names:
@@ -418,7 +418,7 @@ def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
 
 
 # Runner names the nightly resolves itself: Beam's own DaskRunner cannot run the
-# stages (see cm_beam/dask_runner.py).
+# stages (see cm_beam/runtime/dask_runner.py).
 RUNNERS = {"DaskRunner": "cm_beam.dask_runner.DaskRunner",
            "apache_beam.runners.dask.dask_runner.DaskRunner": "cm_beam.dask_runner.DaskRunner"}
 

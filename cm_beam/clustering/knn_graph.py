@@ -22,7 +22,7 @@ Two modes:
   partition. The recall of this against exact search is estimated on a fixed sample
   of query points (`recall` output).
 
-The per-block math is in `cm_beam.knn_kernels` (pure numpy).
+The per-block math is in `cm_beam.clustering.knn_kernels` (pure numpy).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from cm_beam import knn_kernels as kk
+from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
-from cm_beam.hac_kernels import hash_part, shard_of
+from cm_beam.clustering.hac_kernels import hash_part, shard_of
 
 MODES = ("exact", "ivf")
 

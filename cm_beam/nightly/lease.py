@@ -41,7 +41,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from cm_beam.errors import InputError
 
-_LOG = logging.getLogger("cm_beam.lease")
+_LOG = logging.getLogger("cm_beam.nightly.lease")
 
 LEASE_NAME = "nightly.lease"
 DEFAULT_TIMEOUT_SECONDS = 900.0

@@ -1,6 +1,6 @@
 """Pure-numpy kernels of the sharded k-nearest-neighbour graph (no Beam import).
 
-The kNN graph stage (`cm_beam.knn_graph`) moves blocks of points between workers;
+The kNN graph stage (`cm_beam.clustering.knn_graph`) moves blocks of points between workers;
 everything it computes on a block lives here so it can be tested against brute
 force on its own:
 

@@ -17,7 +17,7 @@ layer for the embedding and reads the softmax output as `probs`.
 Everything is seeded: the same seed gives the same pixels and the same model
 weights (TensorFlow op determinism is switched on while training).
 
-    from cm_beam import demo_pool
+    from cm_beam.testing import demo_pool
     info = demo_pool.make_pool("demo/pool", num_images=3000, seed=0)
     demo_pool.train_model(info["manifest"], info["labels"], "demo/model.keras", seed=0)
 """

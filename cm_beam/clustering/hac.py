@@ -42,12 +42,12 @@ from typing import Dict
 import apache_beam as beam
 import numpy as np
 
-from cm_beam import hac_kernels as hk
-from cm_beam import hierarchy_kernels as hik
-from cm_beam import knn_kernels as kk
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.clustering import hierarchy_kernels as hik
+from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
-from cm_beam.hac_kernels import Clusters, lookup, shard_of
-from cm_beam.knn_graph import _Timer  # one stage timer for every cm-cluster stage
+from cm_beam.clustering.hac_kernels import Clusters, lookup, shard_of
+from cm_beam.clustering.knn_graph import _Timer  # one stage timer for every cm-cluster stage
 
 _EMPTY = np.zeros(0, np.int64)
 

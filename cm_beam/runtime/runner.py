@@ -20,13 +20,14 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from cm_beam import malloc_tuning, worker_threads
+from cm_beam.runtime import malloc_tuning
+from cm_beam.runtime import worker_threads
 
 _LOG = logging.getLogger("cm_beam")
 
 RUNNER_ALIASES = {
     # Beam 2.77's own DaskRunner mixes a ParDo's tagged outputs and computes only the
-    # last sink; cm_beam.dask_runner fixes both (see its docstring).
+    # last sink; cm_beam.runtime.dask_runner fixes both (see its docstring).
     "DaskRunner": "cm_beam.dask_runner.DaskRunner",
 }
 DEFAULT_RUNNER = "FnApiRunner"
@@ -88,10 +89,10 @@ def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline", return_result:
     """
     start = time.time()
     # Local runners move every stage's data through this process and its workers:
-    # keep glibc from hoarding the freed buffers (cm_beam/malloc_tuning.py).
+    # keep glibc from hoarding the freed buffers (cm_beam/runtime/malloc_tuning.py).
     malloc_tuning.tune_malloc()
     # Local worker processes share the cores: one BLAS thread pool each of the whole
-    # machine would oversubscribe them (cm_beam/worker_threads.py).
+    # machine would oversubscribe them (cm_beam/runtime/worker_threads.py).
     with worker_threads.local_worker_blas_threads(pipeline._options):
         result = pipeline.run()
         state = result.wait_until_finish()

@@ -44,14 +44,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cm_beam import hac_kernels as hk
-from cm_beam import knn_kernels as kk
+from cm_beam.clustering import hac_kernels as hk
+from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
-from cm_beam.hac import HacRounds
-from cm_beam.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
+from cm_beam.clustering.hac import HacRounds
+from cm_beam.clustering.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
 from cm_beam.hashing import _splitmix64, hash_ids
-from cm_beam.knn_graph import KnnGraph, _Timer
+from cm_beam.clustering.knn_graph import KnnGraph, _Timer
 
 # leaf_id: the example's singleton cluster id, which names it in merges-*.parquet.
 CLUSTERS_SCHEMA = CUT_CLUSTERS_SCHEMA
