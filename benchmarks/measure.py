@@ -6,6 +6,7 @@ its descendants every `interval` seconds and reports the peak.
 """
 
 import os
+import resource
 import signal
 import subprocess
 import threading
@@ -46,15 +47,19 @@ def tree_rss(root: int) -> int:
 
 
 def run_measured(cmd: List[str], interval: float = 0.2, env: Optional[dict] = None, log_path: Optional[str] = None,
-                 kill_above_mb: Optional[float] = None) -> Dict:
-    """Runs `cmd`; returns {"wall_seconds", "peak_rss_mb", "returncode"}; raises if it fails.
+                 kill_above_mb: Optional[float] = None, cwd: Optional[str] = None) -> Dict:
+    """Runs `cmd`; returns {"wall_seconds", "cpu_seconds", "peak_rss_mb", "returncode"}; raises if it fails.
+
+    cpu_seconds is user + system time of the command and the descendants it waited
+    for (the machine is shared: on a loaded machine it is steadier than wall time).
 
     With `kill_above_mb`, the command's process group is killed as soon as its tree's
     RSS passes that many MB (the machine is shared: a runaway run must not take it all).
     """
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     peak = [0]
     killed = []
     done = threading.Event()
@@ -71,6 +76,8 @@ def run_measured(cmd: List[str], interval: float = 0.2, env: Optional[dict] = No
     thread.start()
     code = proc.wait()
     wall = time.time() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     done.set()
     thread.join()
     if log_path:
@@ -79,4 +86,4 @@ def run_measured(cmd: List[str], interval: float = 0.2, env: Optional[dict] = No
         raise RuntimeError(f"{' '.join(cmd)} killed at {killed[0] / 2**20:.0f} MB (limit {kill_above_mb:.0f} MB)")
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {code}" + (f"; see {log_path}" if log_path else ""))
-    return {"wall_seconds": round(wall, 3), "peak_rss_mb": round(peak[0] / 2**20, 1), "returncode": code}
+    return {"wall_seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "peak_rss_mb": round(peak[0] / 2**20, 1), "returncode": code}

@@ -133,12 +133,21 @@ def _normalise(table: pa.Table, path: str) -> pa.Table:
     return table
 
 
-def read_unit(unit: Tuple[str, str, int], columns: Optional[Sequence[str]], block_rows: int) -> Iterator[pa.RecordBatch]:
-    """Reads one (path, format, row_group) unit as record batches."""
-    path, fmt, group = unit
+def read_unit(unit: Tuple, columns: Optional[Sequence[str]], block_rows: int,
+              metadata: Optional[pq.FileMetaData] = None) -> Iterator[pa.RecordBatch]:
+    """Reads one unit as record batches of at most `block_rows` rows.
+
+    A unit is (path, format, row_group) or (path, format, first_row_group,
+    num_row_groups); a CSV unit is the whole file. `metadata`, the file's parsed
+    Parquet footer, saves parsing it again (see `_FooterCache`).
+    """
+    path, fmt, group = unit[:3]
+    num_groups = unit[3] if len(unit) > 3 else 1
     if fmt == "parquet":
         with FileSystems.open(path) as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=list(columns) if columns else None)
+            groups = list(range(group, group + num_groups))
+            table = pq.ParquetFile(f, metadata=metadata).read_row_groups(
+                groups, columns=list(columns) if columns else None)
     else:
         table = _read_csv(path, columns)
     table = _normalise(table, path)
@@ -149,8 +158,70 @@ def read_unit(unit: Tuple[str, str, int], columns: Optional[Sequence[str]], bloc
         yield pa.concat_batches([batch]) if len(batches) > 1 else batch
 
 
+def read_units(files: Sequence[InputFile], block_rows: int) -> List[Tuple]:
+    """Units of about `block_rows` rows: runs of consecutive row groups of one file.
+
+    Writers that emit one row group per small block (Beam's WriteToParquetBatched
+    behind `WriteTableBlocks`: cm-embed writes a row group per 64-image inference
+    batch) leave files of thousands of row groups. One unit per row group made
+    every element a 64-row block, and every unit parsed the file's whole footer
+    (O(row groups)) to read one group: reading grew as rows squared
+    (benchmarks/README.md, "cm-select on singleton-heavy pools").
+    """
+    units: List[Tuple] = []
+    for f in files:
+        if f.num_rows <= 0:
+            continue
+        if f.fmt != "parquet":
+            units.append((f.path, f.fmt, 0))
+            continue
+        groups = max(1, f.num_row_groups)
+        per_unit = max(1, (block_rows * groups) // max(1, f.num_rows))  # groups of average size
+        for first in range(0, groups, per_unit):
+            units.append((f.path, f.fmt, first, min(per_unit, groups - first)))
+    return units
+
+
+class _FooterCache:
+    """The parsed footers of the files a worker has read, newest kept.
+
+    Each unit of a file would parse the whole footer again, which costs time in
+    proportion to the file's row groups; a worker parses each file's footer once
+    while it stays among the `max_row_groups` most recently read row-group entries.
+    """
+
+    def __init__(self, max_row_groups: int = 100_000):
+        self._max = max_row_groups
+        self._footers: Dict[str, pq.FileMetaData] = {}
+
+    def get(self, path: str) -> pq.FileMetaData:
+        meta = self._footers.pop(path, None)
+        if meta is None:
+            with FileSystems.open(path) as f:
+                meta = pq.ParquetFile(f).metadata
+        self._footers[path] = meta  # most recent last
+        while sum(m.num_row_groups for m in self._footers.values()) > self._max and len(self._footers) > 1:
+            self._footers.pop(next(iter(self._footers)))
+        return meta
+
+
+class _ReadUnitFn(beam.DoFn):
+    def __init__(self, columns: Optional[Sequence[str]], block_rows: int):
+        self._columns = columns
+        self._block_rows = block_rows
+        self._footers = None
+
+    def setup(self):
+        self._footers = _FooterCache()
+
+    def process(self, unit):
+        path, fmt = unit[:2]
+        metadata = self._footers.get(path) if fmt == "parquet" else None
+        yield from read_unit(unit, self._columns, self._block_rows, metadata)
+
+
 class ReadTableBlocks(beam.PTransform):
-    """Reads inspected files as a PCollection of `pa.RecordBatch` (one per row group).
+    """Reads inspected files as a PCollection of `pa.RecordBatch` (about `block_rows` rows each).
 
     Example:
         files = inspect_inputs(["gs://b/scores/*.parquet"], "--scores", {"example_id": "id"})
@@ -159,10 +230,7 @@ class ReadTableBlocks(beam.PTransform):
 
     def __init__(self, files: Sequence[InputFile], columns: Optional[Sequence[str]] = None, block_rows: int = DEFAULT_BLOCK_ROWS):
         super().__init__()
-        self._units = [
-            (f.path, f.fmt, g) for f in files for g in range(max(1, f.num_row_groups) if f.fmt == "parquet" else 1)
-            if f.num_rows > 0
-        ]
+        self._units = read_units(files, block_rows)
         self._columns = list(columns) if columns else None
         self._block_rows = block_rows
 
@@ -173,7 +241,7 @@ class ReadTableBlocks(beam.PTransform):
             # Create reshuffles its elements (when there are several), which spreads
             # the row groups over workers before the reads.
             | "ListUnits" >> beam.Create(self._units)
-            | "Read" >> beam.FlatMap(read_unit, columns, block_rows).with_output_types(pa.RecordBatch)
+            | "Read" >> beam.ParDo(_ReadUnitFn(columns, block_rows)).with_output_types(pa.RecordBatch)
         )
 
 

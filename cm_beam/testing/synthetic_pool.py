@@ -20,8 +20,14 @@ import pyarrow.parquet as pq
 
 def make_pool(n: int, num_clusters: int, seed: int = 0, zipf_a: float = 1.1,
               unclustered_fraction: float = 0.02, margin_decimals: Optional[int] = 3,
-              id_prefix: str = "ex") -> Dict[str, pa.Table]:
-    """Returns {"scores": (example_id, margin), "clusters": (example_id, cluster_id, cluster_size)}."""
+              id_prefix: str = "ex", singleton_fraction: float = 0.0) -> Dict[str, pa.Table]:
+    """Returns {"scores": (example_id, margin), "clusters": (example_id, cluster_id, cluster_size)}.
+
+    `singleton_fraction`: that share of the rows (drawn at random) leave their Zipf
+    cluster for a cluster of their own (ids num_clusters, num_clusters + 1, ...), as a
+    clustering at a tight distance threshold leaves about half of a real pool. Their
+    margins are unchanged. At 0 the pool is the same as without the option.
+    """
     rng = np.random.default_rng(seed)
     ids = np.array([f"{id_prefix}-{i:09d}" for i in range(n)], dtype=object)
     # Zipf-like cluster popularity; every cluster id is used at most as drawn.
@@ -37,6 +43,11 @@ def make_pool(n: int, num_clusters: int, seed: int = 0, zipf_a: float = 1.1,
         margin = np.round(margin, margin_decimals)
     margin = margin.astype(np.float32)
     clustered = rng.random(n) >= unclustered_fraction
+    if singleton_fraction > 0:
+        # Drawn after everything else, so that the other columns do not change.
+        alone = np.flatnonzero(rng.random(n) < singleton_fraction)
+        cluster[alone] = num_clusters + np.arange(alone.size, dtype=np.int64)
+        num_clusters += alone.size
     sizes = np.bincount(cluster[clustered], minlength=num_clusters)
     scores = pa.table({"example_id": pa.array(ids.tolist(), pa.string()), "margin": pa.array(margin)})
     clusters = pa.table(
