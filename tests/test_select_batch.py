@@ -330,3 +330,54 @@ def test_duplicate_id_among_pruned_rows_still_fails_naming_it(tmp_path):
         run_select({"scores": str(d / "s.parquet"), "clusters": str(d / "c.parquet")}, tmp_path / "out", 5,
                    extra=["--margin_pool_size", "20"])
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("min_block_rows", [250, None])
+def test_small_score_blocks_give_the_reference_batch(pool, tmp_path, monkeypatch, min_block_rows):
+    """Scores in 37-row blocks (merged within the bundle, at 250 rows or at the default
+    65,536, i.e. only when the bundle ends) select the reference batch."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from cm_beam.selection import select_impl
+    from cm_beam.selection.select_batch import SELECTION_SCHEMA, SelectBatch
+
+    if min_block_rows is not None:
+        monkeypatch.setattr(select_impl, "MIN_SCORED_BLOCK_ROWS", min_block_rows)
+    scores = table_io.read_table(pool["scores"])
+    clusters = table_io.read_table(pool["clusters"], columns=["example_id", "cluster_id"])
+    exclude = pa.table({"example_id": pa.array(pool["excluded"], pa.string())})
+    out = str(tmp_path / "sel")
+    with beam.Pipeline(options=PipelineOptions(beam_args(1))) as p:
+        inputs = {"scores": p | "Scores" >> beam.Create(scores.to_batches(max_chunksize=37)),
+                  "clusters": p | "Clusters" >> beam.Create(clusters.to_batches(max_chunksize=400)),
+                  "exclude": p | "Exclude" >> beam.Create(exclude.to_batches())}
+        result = inputs | SelectBatch(batch_size=120, margin_pool_size=900, seed=4)
+        result["selection"] | table_io.WriteBlockFiles(out, SELECTION_SCHEMA)
+    table = table_io.read_table(out + "-*.parquet").sort_by("rank")
+    expected = reference_select(pool["score_map"], pool["cluster_map"], pool["excluded"], 120, 900, seed=4)
+    assert as_rows(table) == expected
+
+
+def test_score_blocks_are_merged_up_to_the_minimum_within_a_bundle():
+    from cm_beam.selection.select_impl import SCORED_SCHEMA, ScoreBlockFn
+
+    ids = [f"ex-{i:04d}" for i in range(1000)]
+    margins = np.linspace(0.0, 1.0, 1000).astype(np.float32)
+    margins[[5, 500]] = np.nan  # rejected rows are reported at once, never buffered
+    blocks = pa.table({"example_id": ids, "margin": margins}).to_batches(max_chunksize=64)
+    fn = ScoreBlockFn("margin", "margin", min_block_rows=300)
+    fn.start_bundle()
+    outputs = [o for b in blocks for o in fn.process(b)]
+    scored = [o for o in outputs if not hasattr(o, "tag")]
+    rejected = [o.value for o in outputs if getattr(o, "tag", None) == ScoreBlockFn.REJECTED]
+    tail = [w.value for w in fn.finish_bundle()]
+    # 64-row blocks, flushed at >= 300 rows: rows 0-319 less row 5, 320-639 less row 500, 640-959.
+    assert [b.num_rows for b in scored] == [319, 319, 320] and [b.num_rows for b in tail] == [40]
+    merged = pa.Table.from_batches(scored + tail, schema=SCORED_SCHEMA)
+    kept = [i for i in range(1000) if i not in (5, 500)]
+    assert merged.column("example_id").to_pylist() == [ids[i] for i in kept]
+    assert merged.column("score").to_pylist() == margins[kept].tolist()
+    assert sum(b.num_rows for b in rejected) == 2
+    fn.start_bundle()  # nothing carries over to the next bundle
+    assert list(fn.finish_bundle()) == []

@@ -112,19 +112,47 @@ def priority_for(strategy: str, scores: np.ndarray, uncertainty: str) -> np.ndar
 # ---------------------------------------------------------------------------
 # 1. Scores
 # ---------------------------------------------------------------------------
+# Scored blocks smaller than this are merged within a bundle before they are routed:
+# every block fans out to every join bucket, so a pool read in small blocks (say 64
+# rows, one per inference batch) would cost (pool / 64) x buckets elements, which
+# grows as the pool squared.
+MIN_SCORED_BLOCK_ROWS = 65536
+
+
 class ScoreBlockFn(beam.DoFn):
-    """RecordBatch of scores rows -> RecordBatch(example_id, score); bad rows tagged 'rejected'."""
+    """RecordBatch of scores rows -> RecordBatch(example_id, score); bad rows tagged 'rejected'.
+
+    Scored blocks of fewer than `min_block_rows` rows are merged within the bundle
+    (the rest is emitted when the bundle ends), so later stages see few large blocks
+    whatever the size of the input blocks.
+    """
 
     REJECTED = "rejected"
     STATS = "stats"
 
     def __init__(self, uncertainty: str, score_column: Optional[str], multilabel: bool = False,
-                 multilabel_reduce: str = "min", num_classes: Optional[int] = None):
+                 multilabel_reduce: str = "min", num_classes: Optional[int] = None,
+                 min_block_rows: Optional[int] = None):
         self._uncertainty = uncertainty
         self._score_column = score_column
         self._multilabel = multilabel
         self._reduce = multilabel_reduce
         self._num_classes = num_classes
+        self._min_block_rows = MIN_SCORED_BLOCK_ROWS if min_block_rows is None else int(min_block_rows)
+        self._pending: List[pa.RecordBatch] = []
+        self._pending_rows = 0
+
+    def start_bundle(self):
+        self._pending, self._pending_rows = [], 0
+
+    def _take_pending(self) -> pa.RecordBatch:
+        merged = concat_batches(self._pending, SCORED_SCHEMA)
+        self._pending, self._pending_rows = [], 0
+        return merged
+
+    def finish_bundle(self):
+        if self._pending_rows:
+            yield beam.transforms.window.GlobalWindows.windowed_value(self._take_pending())
 
     def process(self, batch: pa.RecordBatch):
         ids = batch.column(batch.schema.get_field_index("example_id"))
@@ -165,9 +193,16 @@ class ScoreBlockFn(beam.DoFn):
         keep = np.flatnonzero(~rejected)
         if keep.size:
             kept = ids.take(pa.array(keep))
-            yield pa.RecordBatch.from_arrays(
+            scored = pa.RecordBatch.from_arrays(
                 [kept, pa.array(scores[keep].astype(np.float32)), pa.array(id_hash(kept))], schema=SCORED_SCHEMA
             )
+            if scored.num_rows >= self._min_block_rows:
+                yield scored
+                return
+            self._pending.append(scored)
+            self._pending_rows += scored.num_rows
+            if self._pending_rows >= self._min_block_rows:
+                yield self._take_pending()
 
 
 # ---------------------------------------------------------------------------
