@@ -7,20 +7,31 @@ pickle coder writes for them. A stage whose encoded bytes exceed its payload by 
 factor that grows with the pool is what makes selection superlinear.
 
     python benchmarks/select_profile.py --n 1000000 3000000 [--output results/select_profile.json]
+
+`--read_cost N...` instead times reading the scores of a nightly-like pool of N rows
+written as cm-embed writes it (one file, a row group per 64 rows), the old way (a
+unit per row group, each parsing the whole footer) against `table_io`'s units, and
+records it under "read_cost" in --output (the rest of the file is kept):
+
+    python benchmarks/select_profile.py --read_cost 100000 1000000 --output benchmarks/results/select_profile.json
 """
 
 import argparse
 import json
 import os
 import pickle
+import resource
 import sys
 import time
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
 from cm_beam.selection import select_impl as impl  # noqa: E402
 from cm_beam.selection import kernels as sk  # noqa: E402
@@ -92,13 +103,78 @@ def profile(n, k_m, num_clusters, workdir):
             "profile_process_peak_rss_mb": round(psutil.Process().memory_info().rss / 1e6)}
 
 
+def _commit():
+    import subprocess
+
+    root = os.path.dirname(HERE)
+    head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("-dirty" if dirty else "")
+
+
+def _cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def read_cost(n, workdir, columns=("example_id", "margin"), samples=25):
+    """CPU to read the scores of a nightly-like pool of n rows in ONE file of 64-row groups.
+
+    `old`: the unit read before (open the file, parse its whole footer, read one row
+    group), timed on `samples` row groups spread over the file and multiplied by the
+    number of row groups; `new`: every unit of `table_io.read_units` read with the
+    per-worker footer cache, timed whole.
+    """
+    from select_bench import write_nightly_like_pool
+
+    directory = os.path.join(workdir, f"read-cost-{n}")
+    scores, _, _, pool = write_nightly_like_pool(n, directory, 0.48, 64, 2000, shard_rows=n)
+    (path,) = table_io.expand_glob(scores, "--scores")
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    picked = np.linspace(0, groups - 1, min(samples, groups)).astype(int)
+    start = _cpu()
+    for g in picked:
+        with FileSystems.open(path) as f:
+            pq.ParquetFile(f).read_row_group(int(g), columns=list(columns))
+    old_unit = (_cpu() - start) / picked.size
+    files = table_io.inspect_inputs([scores], "--scores", {"example_id": "id"})
+    start = _cpu()
+    cache = table_io._FooterCache()
+    units = table_io.read_units(files, table_io.DEFAULT_BLOCK_ROWS)
+    rows = sum(b.num_rows for u in units
+               for b in table_io.read_unit(u, list(columns), table_io.DEFAULT_BLOCK_ROWS, cache.get(u[0])))
+    new_total = _cpu() - start
+    assert rows == n
+    return {"rows": n, "files": 1, "row_groups": groups, "old_units": groups, "old_unit_cpu_ms": round(1000 * old_unit, 2),
+            "old_read_cpu_seconds": round(old_unit * groups, 1), "new_units": len(units),
+            "new_read_cpu_seconds": round(new_total, 2)}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, nargs="+", default=[1_000_000, 3_000_000])
     p.add_argument("--workdir", default=os.path.join(HERE, "data", "select_profile"))
     p.add_argument("--output", default=None)
+    p.add_argument("--read_cost", type=int, nargs="+", default=None, help="Pool sizes for the read-cost measurement.")
     a = p.parse_args()
-    out = {"command": "python benchmarks/select_profile.py " + " ".join(sys.argv[1:]), "runs": []}
+    command = "python benchmarks/select_profile.py " + " ".join(sys.argv[1:])
+    if a.read_cost:
+        points = []
+        for n in a.read_cost:
+            points.append(read_cost(n, a.workdir))
+            print(json.dumps(points[-1]), flush=True)
+        recorded = {}
+        if a.output and os.path.exists(a.output):
+            with open(a.output) as f:
+                recorded = json.load(f)
+        recorded["read_cost"] = {"command": command, "commit": _commit(), "points": points,
+                                 "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if a.output:
+            with open(a.output, "w") as f:
+                json.dump(recorded, f, indent=2)
+        return
+    out = {"command": command, "runs": []}
     for n in a.n:
         t = time.time()
         r = profile(n, int(0.3 * n), int(0.23 * n), a.workdir)

@@ -95,12 +95,12 @@ def test_footer_cache_keeps_the_newest_footers_within_its_bound(tmp_path):
     paths = []
     for name in "abc":
         paths.append(str(tmp_path / f"{name}.parquet"))
-        _write(paths[-1], 0, 640, 64)  # 10 row groups each
-    cache = table_io._FooterCache(max_row_groups=20)
+        _write(paths[-1], 0, 640, 64)  # 10 row groups x 2 columns each
+    cache = table_io._FooterCache(max_column_chunks=40)
     first = cache.get(paths[0])
     cache.get(paths[1])
     assert cache.get(paths[0]) is first  # still cached; now the newest
-    cache.get(paths[2])  # 30 row groups > 20: the oldest (b) goes
+    cache.get(paths[2])  # 60 column chunks > 40: the oldest (b) goes
     assert cache.get(paths[0]) is first
     assert set(cache._footers) == {paths[0], paths[2]}
 
