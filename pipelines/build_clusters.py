@@ -27,10 +27,11 @@ writes the same files and a manifest whose `cut` names the source):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -40,6 +41,8 @@ from cm_beam.clustering import hierarchy
 from cm_beam.io import table_io
 from cm_beam.clustering import build_clusters as cl
 from cm_beam.runtime import runner as cm_runner
+from cm_beam.clustering.hac_kernels import METRICS
+from cm_beam.clustering.options import KNN_MODES, ClusterOptions
 from cm_beam.errors import InputError
 
 _LOG = logging.getLogger("cm_beam.clustering.build_clusters")
@@ -49,8 +52,7 @@ BLOCK_ROWS = 32_768
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cm-cluster", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cm_runner.new_parser("cm-cluster", __doc__.split("\n\n")[0])
     p.add_argument("--embeddings", help="Glob of Parquet files with example_id and embedding (list of floats).")
     cut = p.add_argument_group("cut (exactly one of --distance_threshold, --target_mean_cluster_size, --num_clusters)")
     cut.add_argument("--distance_threshold", type=cm_runner.positive_float, default=None,
@@ -64,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "--distance_threshold, required with the other two rules. Not with --recut_from.")
     cut.add_argument("--recut_from", default=None,
                      help="Output directory of an earlier cm-cluster run: cut its hierarchy again (no --embeddings).")
-    p.add_argument("--metric", choices=("cosine", "sqeuclidean"), default="cosine",
+    p.add_argument("--metric", choices=METRICS, default="cosine",
                    help="cosine (vectors L2-normalised on input) or sqeuclidean (squared Euclidean).")
     p.add_argument("--num_neighbors", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_NEIGHBORS,
                    help="k of the kNN graph that chooses candidate pairs (edges above eps are not needed).")
-    p.add_argument("--knn_mode", choices=cl.KNN_MODES, default="auto",
+    p.add_argument("--knn_mode", choices=KNN_MODES, default="auto",
                    help="exact (blockwise brute force), ivf (k-means partitions), or auto: exact up to "
                         "--exact_max_points points.")
     p.add_argument("--exact_max_points", type=cm_runner.non_negative_int, default=cl.DEFAULT_EXACT_MAX_POINTS,
@@ -122,31 +124,40 @@ def _unwrap_input_error(e: Exception) -> None:
         raise InputError(found.group(1)) from e
 
 
+def options_from_args(args: argparse.Namespace) -> ClusterOptions:
+    """ClusterOptions from parsed flags (each option is the flag of the same name); a
+    bad combination raises InputError naming the flag."""
+    return ClusterOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterOptions)})
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Tuple[ClusterOptions, List[str]]:
+    """(the options, the Beam pipeline flags) of a cm-cluster command line."""
+    parser = build_parser()
+    args, beam_args = cm_runner.split_beam_args(parser, argv)
+    return options_from_args(args), beam_args
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     """Runs cm-cluster; returns the manifest it wrote (with `distance_threshold`,
     `num_clusters`, `mean_cluster_size` of the cut at the top level)."""
-    parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
+    options, beam_args = parse(argv)
+    return run_cluster(options, beam_args)
+
+
+def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = None) -> Dict:
+    """Runs the clustering stage from `options`; returns the manifest it wrote."""
+    args = options  # the options carry the flags' names
+    beam_args = beam_options
     start = time.time()
     if args.recut_from is not None:
         return _recut(args, beam_args, start)
-    if args.embeddings is None:
-        raise InputError("--embeddings is required (or --recut_from to cut an earlier clustering again)")
-    transform = cl.BuildClusters(
-        distance_threshold=args.distance_threshold, metric=args.metric, num_neighbors=args.num_neighbors,
-        knn_mode=args.knn_mode, exact_max_points=args.exact_max_points, num_partitions=args.num_partitions,
-        num_probes=args.num_probes, num_shards=args.num_shards, max_rounds=args.max_rounds,
-        max_inmemory_edges=args.max_inmemory_edges, seed=args.seed,
-        target_mean_cluster_size=args.target_mean_cluster_size, num_clusters=args.num_clusters,
-        max_distance=args.max_distance)
     # Everything that can fail on bad input is checked before any work is done.
     files = table_io.inspect_inputs([args.embeddings], "--embeddings", {"example_id": "id", "embedding": "vector"})
-    transform = cl.BuildClusters(**{k: v for k, v in transform.params.items()
-                                    if k not in ()}, max_points=sum(f.num_rows for f in files))
+    transform = options.build_clusters(max_points=sum(f.num_rows for f in files))
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
-    pipeline = beam.Pipeline(options=cm_runner.pipeline_options(beam_args))
+    pipeline = beam.Pipeline(options=cm_runner.as_pipeline_options(beam_args)[0])
     batches = pipeline | "ReadEmbeddings" >> table_io.ReadTableBlocks(files, ["example_id", "embedding"], BLOCK_ROWS)
     out = batches | "BuildClusters" >> transform
     out["clusters"] | "WriteClusters" >> table_io.WriteTableBlocks(
@@ -199,13 +210,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def _recut(args, beam_args, start) -> Dict:
     """cm-cluster --recut_from DIR: the hierarchy of an earlier run, cut again."""
-    source = args.recut_from
-    if args.embeddings is not None:
-        raise InputError("--embeddings: not used with --recut_from (the hierarchy is read from that directory)")
-    if args.max_distance is not None:
-        raise InputError("--max_distance: not used with --recut_from (the hierarchy covers the source's max_distance)")
-    if args.output_dir.rstrip("/") == source.rstrip("/"):
-        raise InputError("--output_dir must differ from --recut_from")
+    source = args.recut_from  # the options checked the flags that do not need the source
     src = artifacts.read_manifest(source)
     if src is None:
         raise InputError(f"--recut_from: {source} has no manifest.json (not a complete cm-cluster output)")
@@ -229,7 +234,7 @@ def _recut(args, beam_args, start) -> Dict:
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
-    pipeline = beam.Pipeline(options=cm_runner.pipeline_options(beam_args))
+    pipeline = beam.Pipeline(options=cm_runner.as_pipeline_options(beam_args)[0])
     leaves = pipeline | "ReadClusters" >> table_io.ReadTableBlocks(clusters_files, ["example_id", "leaf_id"], BLOCK_ROWS)
     merge_batches = pipeline | "ReadMerges" >> table_io.ReadTableBlocks(merges_files, list(cl.MERGES_SCHEMA.names),
                                                                           BLOCK_ROWS)

@@ -127,7 +127,7 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
 @pytest.mark.slow
 def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch, capsys):
     from cm_beam.clustering import build_clusters as cluster_module
-    from pipelines import select_batch
+    from cm_beam.selection import stage as select_stage
 
     work = tmp_path / "work"
     shutil.copytree(first_night["pristine"], work / "demo")  # the same inputs, nothing computed
@@ -158,7 +158,7 @@ def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(fir
     assert len(os.listdir(work / "embeddings")) == 1  # the embed stage had finished
 
     # 2. The rerun dies inside the select job, after the clusters were built.
-    monkeypatch.setattr(select_batch._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
+    monkeypatch.setattr(select_stage._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
         RuntimeError("injected failure in cm-select")))
     with pytest.raises(Exception, match="injected failure in cm-select"):
         nightly.run(argv)
@@ -210,7 +210,7 @@ def test_work_dir_helpers():
         ["--a", "1", "--b", "--e", "x", "--e", "y"]
     assert nw.stage_beam_args(["--job_name", "n", "--x=1"], "embed") == ["--job_name=n-embed", "--x=1"]
     assert nw.stage_beam_args(["--job_name=n"], "select") == ["--job_name=n-select"]
-    assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.dask_runner.DaskRunner"]
+    assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.runtime.dask_runner.DaskRunner"]
     assert nw.stage_beam_args(["--runner=FlinkRunner"], "cluster") == ["--runner=FlinkRunner"]
     assert nw.pool_key("gs://b/pool/*.csv", None) == nw.pool_key("gs://b/pool/*.csv/", None) != nw.pool_key("gs://b/p2/*", None)
 

@@ -51,9 +51,10 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.pvalue import AsSingleton
 
+from cm_beam.errors import InputError
 from cm_beam.selection import kernels as sk
 from cm_beam.selection import select_impl as impl
-from cm_beam.selection import uncertainty as unc
+from cm_beam.selection.options import DEFAULT_MARGIN_POOL_FACTOR, SelectOptions, check_selection
 
 SELECTION_SCHEMA = impl.SELECTION_SCHEMA
 REJECTED_SCHEMA = impl.REJECTED_SCHEMA
@@ -136,7 +137,7 @@ class SelectBatch(beam.PTransform):
         self,
         batch_size: int,
         margin_pool_size: Optional[int] = None,
-        margin_pool_factor: float = 10.0,
+        margin_pool_factor: float = DEFAULT_MARGIN_POOL_FACTOR,
         strategy: str = "cluster_margin",
         uncertainty: str = "margin",
         score_column: Optional[str] = "margin",
@@ -147,27 +148,15 @@ class SelectBatch(beam.PTransform):
         num_join_buckets: int = 16,
     ):
         super().__init__()
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if uncertainty not in unc.UNCERTAINTIES:
-            raise ValueError(f"uncertainty must be one of {', '.join(unc.UNCERTAINTIES)}, got {uncertainty!r}")
-        if multilabel_reduce not in ("min", "mean"):
-            raise ValueError(f"multilabel_reduce must be 'min' or 'mean', got {multilabel_reduce!r}")
+        k_m = check_selection(batch_size, strategy, uncertainty, multilabel_reduce, margin_pool_size, margin_pool_factor)
         if score_column is None and not num_classes:
-            raise ValueError("num_classes is required when scores are computed from probs (score_column=None)")
-        if margin_pool_size is None:
-            if not margin_pool_factor >= 1.0:
-                raise ValueError(f"margin_pool_factor must be >= 1, got {margin_pool_factor!r}")
-            margin_pool_size = int(math.ceil(batch_size * margin_pool_factor))
-        if margin_pool_size < batch_size:
-            raise ValueError(f"margin_pool_size ({margin_pool_size}) must be >= batch_size ({batch_size})")
+            raise InputError.bad_parameter(
+                "num_classes", "is required when scores are computed from probs (score_column=None)")
         if num_join_buckets <= 0:
-            raise ValueError(f"num_join_buckets must be positive, got {num_join_buckets}")
+            raise InputError.bad_parameter("num_join_buckets", f"must be positive, got {num_join_buckets}")
         self.batch_size = int(batch_size)
         # Plain Margin and Random have no clusters: their margin pool is the batch.
-        self.margin_pool_size = int(margin_pool_size) if strategy == "cluster_margin" else int(batch_size)
+        self.margin_pool_size = k_m
         self.strategy = strategy
         self.uncertainty = uncertainty
         self.score_column = score_column
@@ -177,6 +166,26 @@ class SelectBatch(beam.PTransform):
         self.seed = int(seed)
         self.num_join_buckets = int(num_join_buckets)
         self.num_select_buckets = int(min(MAX_BUCKETS, max(1, math.ceil(self.margin_pool_size / ROWS_PER_SELECT_BUCKET))))
+
+    @classmethod
+    def from_options(cls, options: SelectOptions, score_column: Optional[str] = "margin",
+                     num_classes: Optional[int] = None, num_join_buckets: int = 16) -> "SelectBatch":
+        """The transform for `options`; the other arguments describe the inputs (which
+        column holds the scores, how many classes `probs` has) and the join's width."""
+        return cls(
+            batch_size=options.batch_size,
+            margin_pool_size=options.margin_pool_size,
+            margin_pool_factor=(options.margin_pool_factor if options.margin_pool_factor is not None
+                                else DEFAULT_MARGIN_POOL_FACTOR),
+            strategy=options.strategy,
+            uncertainty=options.uncertainty,
+            score_column=score_column,
+            num_classes=num_classes,
+            multilabel=options.multilabel,
+            multilabel_reduce=options.multilabel_reduce,
+            seed=options.seed,
+            num_join_buckets=num_join_buckets,
+        )
 
     def expand(self, inputs):
         scores = inputs["scores"]

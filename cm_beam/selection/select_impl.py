@@ -43,7 +43,7 @@ PICK_SALT = 2
 JOIN_SALT = 3
 UNCLUSTERED_SALT = 4
 
-STRATEGIES = ("cluster_margin", "margin", "random")
+from cm_beam.selection.options import STRATEGIES  # noqa: E402  (the one table of strategies)
 
 # `id_hash` is the unseeded hash of example_id, computed once and carried along:
 # every seeded hash (join bucket, tie-break, pick order) is derived from it.
