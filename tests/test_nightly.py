@@ -206,8 +206,6 @@ def test_main_prints_a_summary_per_stage_and_errors_name_the_flag(first_night, c
 
 
 def test_work_dir_helpers():
-    assert nw.flags_to_argv({"a": 1, "b": True, "c": False, "d": None, "e": ["x", "y"]}) == \
-        ["--a", "1", "--b", "--e", "x", "--e", "y"]
     assert nw.stage_beam_args(["--job_name", "n", "--x=1"], "embed") == ["--job_name=n-embed", "--x=1"]
     assert nw.stage_beam_args(["--job_name=n"], "select") == ["--job_name=n-select"]
     assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.runtime.dask_runner.DaskRunner"]

@@ -397,26 +397,6 @@ def read_nightly_summary(work: WorkDir, batch_dir: str) -> Optional[Dict[str, An
     return summary
 
 
-def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
-    """{'batch_size': 10, 'multilabel': True, 'exclude': [a, b]} -> argparse-style argv.
-
-    None and False values are left out (the stage's default applies); lists repeat
-    the flag.
-    """
-    argv: List[str] = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(f"--{name}")
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                argv += [f"--{name}", str(item)]
-        else:
-            argv += [f"--{name}", str(value)]
-    return argv
-
-
 def stage_beam_args(beam_args: Iterable[str], stage: str) -> List[str]:
     """The Beam flags for one stage's job.
 

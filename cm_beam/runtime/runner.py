@@ -93,17 +93,17 @@ def unknown_beam_args(args: Sequence[str]) -> List[str]:
     return unknown
 
 
-def split_beam_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+def split_beam_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], help_command: str = ""):
     """(the command's parsed flags, the Beam pipeline options), or a parser error
     naming the first flag that is neither (a typo like --batch_sise must not run
-    with the default)."""
+    with the default). `help_command`: the command whose --help lists the flags."""
     args, rest = parser.parse_known_args(argv)
     unknown = unknown_beam_args(rest)
     if unknown:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
         what = "flag" if flag.startswith("-") else "argument"
         parser.error(f"unrecognized {what} {flag.split('=', 1)[0]}: neither a {parser.prog} flag nor a Beam "
-                     f"pipeline option (see {parser.prog} --help)")
+                     f"pipeline option (see {help_command or parser.prog} --help)")
     return args, list(rest)
 
 
@@ -165,7 +165,8 @@ class JobNotExecuted(RuntimeError):
     """
 
 
-def _translation_only(options: PipelineOptions) -> Optional[str]:
+def translation_only_flag(options: PipelineOptions) -> Optional[str]:
+    """The option that makes a runner only build the job (--dry_run, --template_location), or None."""
     all_options = options.get_all_options(drop_default=True)
     if all_options.get("dry_run"):
         return "--dry_run"
@@ -193,7 +194,7 @@ def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline", return_result:
         state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
         raise RuntimeError(f"{what} ended in state {state}, not DONE")
-    flag = _translation_only(pipeline._options)
+    flag = translation_only_flag(pipeline._options)
     if flag:
         raise JobNotExecuted(f"{what}: the job was built but not run ({flag}); no output, no manifest")
     seconds = time.time() - start
