@@ -46,6 +46,7 @@ from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import hierarchy_kernels as hik
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
+from cm_beam.grouping import single, split_by_tag
 from cm_beam.clustering.hac_kernels import Clusters, lookup, shard_of
 from cm_beam.clustering.knn_graph import _Timer  # one stage timer for every cm-cluster stage
 
@@ -107,12 +108,8 @@ def _directed_bound(kv) -> int:
 
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
-    blocks, srcs, dsts = [], [], []
-    for tag, value in items:
-        if tag == "points":
-            blocks.append(value)
-        else:
-            srcs.append(value[0]); dsts.append(value[1])
+    blocks, edges = split_by_tag(items, "points", "edges")
+    srcs, dsts = [e[0] for e in edges], [e[1] for e in edges]
     if not blocks:
         if srcs:  # never legitimate: every edge starts at a point of this shard
             raise AssertionError(f"shard {shard}: {sum(len(x) for x in srcs)} edges arrived without the shard's points")
@@ -177,12 +174,8 @@ def _send_ghosts(kv):
 
 def _nearest(kv, eps, metric, round_index):
     shard, items = kv
-    st, ghosts = None, []
-    for tag, value in items:
-        if tag == "state":
-            st = value
-        else:
-            ghosts.append(value)
+    states, ghosts = split_by_tag(items, "state", "ghost")
+    st = single(states)
     if st is None:
         return
     with _Timer("hac_rounds"):
@@ -228,12 +221,9 @@ def _nearest(kv, eps, metric, round_index):
 
 def _match(kv, round_index):
     shard, items = kv
-    st, choosers, targets = None, [], []
-    for tag, value in items:
-        if tag == "state":
-            st = value
-        else:
-            choosers.append(value[0]); targets.append(value[1])
+    states, choices = split_by_tag(items, "state", "choice")
+    st = single(states)
+    choosers, targets = [c[0] for c in choices], [c[1] for c in choices]
     if st is None:
         return
     with _Timer("hac_rounds"):
@@ -279,14 +269,9 @@ def _match(kv, round_index):
 
 def _relabel(kv, round_index):
     shard, items = kv
-    st, absorbs, olds, news = None, [], [], []
-    for tag, value in items:
-        if tag == "state":
-            st = value
-        elif tag == "absorb":
-            absorbs.append(value)
-        else:
-            olds.append(value[0]); news.append(value[1])
+    states, absorbs, renames = split_by_tag(items, "state", "absorb", "rename")
+    st = single(states)
+    olds, news = [r[0] for r in renames], [r[1] for r in renames]
     if st is None:
         return
     with _Timer("hac_rounds"):
@@ -341,12 +326,9 @@ def _relabel(kv, round_index):
 
 def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
     shard, items = kv
-    st, srcs, dsts = None, [], []
-    for tag, value in items:
-        if tag == "state":
-            st = value
-        else:
-            srcs.append(value[0]); dsts.append(value[1])
+    states, edges = split_by_tag(items, "state", "edges")
+    st = single(states)
+    srcs, dsts = [e[0] for e in edges], [e[1] for e in edges]
     if st is None:
         return []
     with _Timer("hac_rounds"):
