@@ -17,10 +17,9 @@ import math
 from typing import Optional, Tuple
 
 from cm_beam.errors import InputError, check_choice, check_int, check_required
-from cm_beam.selection.uncertainty import UNCERTAINTIES
+from cm_beam.selection.uncertainty import MULTILABEL_REDUCES, UNCERTAINTIES
 
 STRATEGIES = ("cluster_margin", "margin", "random")
-MULTILABEL_REDUCES = ("min", "mean")
 # k_m = factor x k_t when neither is given: the paper's recipe.
 DEFAULT_MARGIN_POOL_FACTOR = 10.0
 
