@@ -172,7 +172,9 @@ def _validate(args, parser, beam_args: Sequence[str]) -> None:
     # The stages write their manifest when the runner says DONE. A dry run or a
     # template build says DONE without running anything: the nightly would record
     # embeddings and a batch that do not exist.
-    flag = cm_runner.translation_only_flag(cm_runner.pipeline_options(beam_args))
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    flag = cm_runner.translation_only_flag(PipelineOptions(list(beam_args)))
     if flag:
         raise InputError(f"{flag}: cm-nightly runs its stages one after another on real outputs; build a single "
                          f"stage (cm-embed, cm-cluster, cm-select) with {flag} instead")

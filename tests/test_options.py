@@ -258,3 +258,14 @@ def test_nightly_demo_checks_options_before_generating_the_demo(tmp_path, capsys
     with pytest.raises(SystemExit):
         nightly.run(["--demo", "--work_dir", str(work), "--margin_pool_size", "50"])  # demo batch: 200
     assert "--margin_pool_size" in capsys.readouterr().err and not work.exists()
+
+
+@pytest.mark.parametrize("flag", [["--dry_run", "True"], ["--template_location=gs://b/t.json"]])
+def test_nightly_refuses_a_job_that_would_only_be_built(flag, tmp_path):
+    from pipelines import nightly
+
+    work = tmp_path / "work"
+    with pytest.raises(InputError, match=flag[0].split("=")[0]):
+        nightly.run(["--pool", "p.csv", "--model", "m.keras", "--work_dir", str(work), "--batch_size", "10",
+                     "--distance_threshold", "0.1", "--runner=DataflowRunner"] + flag)
+    assert not work.exists()
