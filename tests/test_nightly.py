@@ -255,6 +255,7 @@ def _cli(argv, cwd=None):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path):
     """The issue's case: two runs, one work dir, one batch name, batch sizes 200 and 150."""
     import socket
@@ -283,6 +284,7 @@ def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path
     assert not (work / lease.LEASE_NAME).exists()  # a failed run releases its lease
 
 
+@pytest.mark.slow
 def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(tmp_path):
     from cm_beam.nightly import lease
 
@@ -339,6 +341,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lease-taken-over"])
 def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
     from cm_beam.nightly import lease
@@ -357,6 +360,7 @@ def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
     assert not (root / lease.LEASE_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_repairs_it(first_night, monkeypatch):
     """The issue's case: --replace_batch with another batch size, killed while plotting."""
     from cm_beam.nightly import report
@@ -409,6 +413,7 @@ def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_r
     assert artifacts.read_json(os.path.join(batch_dir, nw.NIGHTLY_SUMMARY))["batch_manifest_sha256"] == sha
 
 
+@pytest.mark.slow
 def test_work_dir_runs_from_anywhere_and_a_copy_uses_its_own_pool_and_model(first_night, tmp_path, monkeypatch):
     """Run the demo in A (relative --work_dir), move A to B and run from elsewhere as a real
     process, then copy B to C, delete B's inputs, and run C."""

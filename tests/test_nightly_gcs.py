@@ -27,6 +27,9 @@ from cm_beam.nightly import lease as lease_mod
 from cm_beam.nightly import work_dir as nw
 from pipelines import nightly
 
+# Real cm-nightly runs against a GCS emulator: whole pipelines with TensorFlow.
+pytestmark = pytest.mark.slow
+
 BUCKET = "cm-test"
 POOL_SIZE = 150
 BATCH = 12
