@@ -1,8 +1,12 @@
 """Reciprocal-nearest-neighbour (RNN) average-linkage HAC rounds as Beam stages.
 
 The pool is split in spatial shards; a cluster's state lives in the shard encoded
-in its id (`hac_kernels.shard_of`). One element per shard carries its `ShardState`:
-the clusters, their member points and the candidate edges leaving them.
+in its id (`hac_kernels.shard_of`). One element per shard carries
+
+    {"clusters": hac_kernels.Clusters (count, sum, sum of squared norms, label),
+     "members":  (owner cluster id, point id) arrays,
+     "src", "dst": candidate edges leaving the shard's clusters (both directions of
+                   every undirected edge are stored, one at each end's shard)}.
 
 A round is four keyed stages (one GroupByKey each):
 
@@ -33,7 +37,7 @@ the exact linkage that made the pair reciprocal nearest, the merged size and the
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict
 
 import apache_beam as beam
 import numpy as np
@@ -42,27 +46,14 @@ from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import hierarchy_kernels as hik
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
-from cm_beam.grouping import single, split_by_tag
 from cm_beam.clustering.hac_kernels import Clusters, lookup, shard_of
 from cm_beam.clustering.knn_graph import _Timer  # one stage timer for every cm-cluster stage
 
 _EMPTY = np.zeros(0, np.int64)
 
 
-class ShardState(NamedTuple):
-    """One shard's part of the clustering between stages."""
-
-    clusters: Clusters  # count, sum, sum of squared norms, label of each cluster
-    members: Tuple[np.ndarray, np.ndarray]  # (owner cluster id, point id) of every point
-    src: np.ndarray  # candidate edges leaving the shard's clusters: both directions of
-    dst: np.ndarray  # every undirected edge are stored, one at each end's shard
-    nn: Optional[np.ndarray] = None  # after Nearest: each cluster's nearest candidate
-    nn_link: Optional[np.ndarray] = None  # and its linkage (the merge height if reciprocal)
-    next_round: Optional[int] = None  # set by the routing: the round number the finish starts at
-
-
-def _state(clusters, members, src, dst) -> ShardState:
-    return ShardState(clusters, members, src, dst)
+def _state(clusters, members, src, dst) -> Dict:
+    return {"clusters": clusters, "members": members, "src": src, "dst": dst}
 
 
 def _assignments(clusters: Clusters, members):
@@ -116,8 +107,12 @@ def _directed_bound(kv) -> int:
 
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
-    blocks, edges = split_by_tag(items, "points", "edges")
-    srcs, dsts = [e[0] for e in edges], [e[1] for e in edges]
+    blocks, srcs, dsts = [], [], []
+    for tag, value in items:
+        if tag == "points":
+            blocks.append(value)
+        else:
+            srcs.append(value[0]); dsts.append(value[1])
     if not blocks:
         if srcs:  # never legitimate: every edge starts at a point of this shard
             raise AssertionError(f"shard {shard}: {sum(len(x) for x in srcs)} edges arrived without the shard's points")
@@ -156,7 +151,7 @@ def _route(shard, state, directed_bound, max_inmemory_edges, force_finish, next_
     finish may come one round later than an exact count would allow; `_finish`
     checks the exact count. `next_round` numbers the finish's rounds after the Beam
     rounds in the merge log."""
-    state = state._replace(next_round=next_round)
+    state["next_round"] = next_round
     if force_finish or directed_bound // 2 <= max_inmemory_edges:
         return [beam.pvalue.TaggedOutput("finish", state)]
     return [(shard, state)]
@@ -167,7 +162,7 @@ def _route(shard, state, directed_bound, max_inmemory_edges, force_finish, next_
 def _send_ghosts(kv):
     shard, st = kv
     yield shard, ("state", st)
-    c, src, dst = st.clusters, st.src, st.dst
+    c, src, dst = st["clusters"], st["src"], st["dst"]
     dshard = shard_of(dst)
     for q in unique_sorted(dshard):
         if q == shard:
@@ -182,12 +177,16 @@ def _send_ghosts(kv):
 
 def _nearest(kv, eps, metric, round_index):
     shard, items = kv
-    states, ghosts = split_by_tag(items, "state", "ghost")
-    st = single(states)
+    st, ghosts = None, []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            ghosts.append(value)
     if st is None:
         return
     with _Timer("hac_rounds"):
-        c, src, dst = st.clusters, st.src, st.dst
+        c, src, dst = st["clusters"], st["src"], st["dst"]
         d = c.sums.shape[1]
         table = Clusters.concat([c] + ghosts, d) if ghosts else c
         # Canonical orientation (smaller id first): both ends compute the same bits.
@@ -207,7 +206,7 @@ def _nearest(kv, eps, metric, round_index):
         has, nn, nn_link = hk.nearest_candidates(src, dst, link)
         active = np.isin(c.ids, has)
         retired = c.take(~active)
-        members_retired, members = _take_members(st.members, retired.ids)
+        members_retired, members = _take_members(st["members"], retired.ids)
         for out in _emit_done(retired, members_retired):
             yield out
         c = c.take(active)
@@ -219,7 +218,9 @@ def _nearest(kv, eps, metric, round_index):
         for q in unique_sorted(nshard[remote]):
             m = nshard == q
             yield int(q), ("choice", (c.ids[m], nn_full[m]))
-        st = ShardState(c, members, src, dst, nn=nn_full, nn_link=link_full)
+        st = _state(c, members, src, dst)
+        st["nn"] = nn_full
+        st["nn_link"] = link_full  # the height of the merge, if this pair is reciprocal
         yield shard, ("state", st)
 
 
@@ -227,13 +228,16 @@ def _nearest(kv, eps, metric, round_index):
 
 def _match(kv, round_index):
     shard, items = kv
-    states, choices = split_by_tag(items, "state", "choice")
-    st = single(states)
-    choosers, targets = [c[0] for c in choices], [c[1] for c in choices]
+    st, choosers, targets = None, [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            choosers.append(value[0]); targets.append(value[1])
     if st is None:
         return
     with _Timer("hac_rounds"):
-        c, nn = st.clusters, st.nn
+        c, nn = st["clusters"], st["nn"]
         local = shard_of(nn) == shard
         ch = np.concatenate(choosers + [c.ids[local]])
         tg = np.concatenate(targets + [nn[local]])
@@ -242,11 +246,11 @@ def _match(kv, round_index):
         pos = lookup(ch, nn)
         recip = (pos >= 0) & (tg[np.maximum(pos, 0)] == c.ids) if len(ch) else np.zeros(len(c), bool)
         is_loser = recip & (nn < c.ids)
-        losers, winners, heights = c.ids[is_loser], nn[is_loser], st.nn_link[is_loser]
+        losers, winners, heights = c.ids[is_loser], nn[is_loser], st["nn_link"][is_loser]
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "merges"), int(is_loser.sum())))
         if len(losers):
             lost = c.take(is_loser)
-            members_lost, members = _take_members(st.members, losers)
+            members_lost, members = _take_members(st["members"], losers)
             # The loser's state goes to its winner's shard (maybe this one).
             wshard = shard_of(winners)
             for q in unique_sorted(wshard):
@@ -258,7 +262,7 @@ def _match(kv, round_index):
             # Rename notices to every shard holding an edge that points at a loser:
             # the shards of the loser's neighbours (adjacency is symmetric), and
             # this shard (the loser's own edges are renamed and moved from here).
-            src, dst = st.src, st.dst
+            src, dst = st["src"], st["dst"]
             on_loser = np.isin(src, losers)
             nshard = shard_of(dst[on_loser])
             nsrc = src[on_loser]
@@ -267,7 +271,7 @@ def _match(kv, round_index):
                 yield int(q), ("rename", (olds, winners[lookup(losers, olds)]))
             st = _state(c.take(~is_loser), members, src, dst)
         else:
-            st = _state(c, st.members, st.src, st.dst)
+            st = _state(c, st["members"], st["src"], st["dst"])
         yield shard, ("state", st)
 
 
@@ -275,14 +279,19 @@ def _match(kv, round_index):
 
 def _relabel(kv, round_index):
     shard, items = kv
-    states, absorbs, renames = split_by_tag(items, "state", "absorb", "rename")
-    st = single(states)
-    olds, news = [r[0] for r in renames], [r[1] for r in renames]
+    st, absorbs, olds, news = None, [], [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        elif tag == "absorb":
+            absorbs.append(value)
+        else:
+            olds.append(value[0]); news.append(value[1])
     if st is None:
         return
     with _Timer("hac_rounds"):
-        c = st.clusters
-        owner, points = st.members
+        c = st["clusters"]
+        owner, points = st["members"]
         owners, pts = [owner], [points]
         d = c.sums.shape[1]
         if absorbs:
@@ -304,7 +313,7 @@ def _relabel(kv, round_index):
                 w_of = w_ids[lookup(l_state.ids, mo)]
                 owners.append(w_of); pts.append(mp)
         members = (np.concatenate(owners), np.concatenate(pts))
-        src, dst = st.src, st.dst
+        src, dst = st["src"], st["dst"]
         if olds:
             old = np.concatenate(olds)
             new = np.concatenate(news)
@@ -332,14 +341,17 @@ def _relabel(kv, round_index):
 
 def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
     shard, items = kv
-    states, edges = split_by_tag(items, "state", "edges")
-    st = single(states)
-    srcs, dsts = [e[0] for e in edges], [e[1] for e in edges]
+    st, srcs, dsts = None, [], []
+    for tag, value in items:
+        if tag == "state":
+            st = value
+        else:
+            srcs.append(value[0]); dsts.append(value[1])
     if st is None:
         return []
     with _Timer("hac_rounds"):
-        src, dst = _directed_unique(np.concatenate([st.src] + srcs), np.concatenate([st.dst] + dsts))
-    return _route(shard, _state(st.clusters, st.members, src, dst), directed_bound, max_inmemory_edges,
+        src, dst = _directed_unique(np.concatenate([st["src"]] + srcs), np.concatenate([st["dst"]] + dsts))
+    return _route(shard, _state(st["clusters"], st["members"], src, dst), directed_bound, max_inmemory_edges,
                   force_finish, next_round)
 
 
@@ -351,12 +363,12 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
     if not states:
         return
     with _Timer("hac_finish"):
-        d = states[0].clusters.sums.shape[1]
-        clusters = Clusters.concat([s.clusters for s in states], d)
-        owner = np.concatenate([s.members[0] for s in states])
-        points = np.concatenate([s.members[1] for s in states])
-        u = np.concatenate([s.src for s in states])
-        v = np.concatenate([s.dst for s in states])
+        d = states[0]["clusters"].sums.shape[1]
+        clusters = Clusters.concat([s["clusters"] for s in states], d)
+        owner = np.concatenate([s["members"][0] for s in states])
+        points = np.concatenate([s["members"][1] for s in states])
+        u = np.concatenate([s["src"] for s in states])
+        v = np.concatenate([s["dst"] for s in states])
         try:
             final, (losers, winners), stats, _, log = hk.hac_in_memory(
                 clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True)
@@ -370,8 +382,8 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "merges"), s.merges))
-        first_round = states[0].next_round  # every shard routes to the finish in the same stage
-        if any(s.next_round != first_round for s in states):
+        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
+        if any(s["next_round"] != first_round for s in states):
             raise AssertionError("shards reached the in-memory finish after different rounds")
         if len(log["size"]):
             yield beam.pvalue.TaggedOutput("merges", hik.Merges.from_pairs(
