@@ -194,6 +194,16 @@ class StageOptions(NamedTuple):
     cluster: Optional[ClusterOptions]
     select: SelectOptions
     beam_args: Dict[str, List[str]]
+    cluster_values: Dict[str, Any]  # the clustering's flag values, for `cluster_options`
+
+
+def cluster_options(stages: StageOptions, **values) -> ClusterOptions:
+    """The clustering's options from the nightly's flags and `values` (the run's paths, or
+    a cut decided during the run), checked again; InputError names the flag at fault."""
+    try:
+        return _options(ClusterOptions, {**stages.cluster_values, **values})
+    except InputError as e:
+        raise e.for_flag(lambda parameter: _stage_flag("cluster", parameter)) from None
 
 
 def _given(args, names: Sequence[str]) -> Dict[str, Any]:
@@ -254,13 +264,14 @@ def stage_options(args, parser: argparse.ArgumentParser) -> StageOptions:
         select_options = _options(SelectOptions, select)
 
         stage = "cluster"
-        cluster, beam_args["cluster"] = _with_raw_flags("cluster", {
+        cluster_values, beam_args["cluster"] = _with_raw_flags("cluster", {
             **pending, "embeddings": _PENDING_PATH, **_given(args, CLUSTER_FLAGS)}, args.cluster_arg)
-        has_cut = any(cluster.get(k) is not None for k in ("distance_threshold", "target_mean_cluster_size", "num_clusters"))
-        cluster_options = _options(ClusterOptions, cluster) if has_cut else None
+        has_cut = any(cluster_values.get(k) is not None
+                      for k in ("distance_threshold", "target_mean_cluster_size", "num_clusters"))
+        cluster = _options(ClusterOptions, cluster_values) if has_cut else None
     except InputError as e:
         parser.error(str(e.for_flag(lambda parameter: _stage_flag(stage, parameter))))
-    return StageOptions(embed_options, cluster_options, select_options, beam_args)
+    return StageOptions(embed_options, cluster, select_options, beam_args, cluster_values)
 
 
 class _Progress:
@@ -409,10 +420,8 @@ def _cluster(args, work: nw.WorkDir, embeddings: nw.CompleteDir, stages: StageOp
         progress.end("cluster", begun, "cached", f"reusing {reuse.path} ({_cluster_counts_line(c)})",
                      output=reuse.path, counts=c)
         return reuse
-    if stages.cluster is None:  # run() refuses a run that needs clusters and has no cut
-        raise AssertionError("internal: no clustering options, yet the work dir has no clusters to reuse")
-    options = dataclasses.replace(stages.cluster, embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
-                                  output_dir=directory, overwrite=True)
+    options = cluster_options(stages, embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
+                              output_dir=directory, overwrite=True)
     print(f"cm-nightly [{progress.index}/{progress.total}] cluster: running cm-cluster -> {directory}", file=sys.stderr, flush=True)
     manifest = run_cluster(options, _stage_beam_args(stages, beam_args, "cluster"))
     c = manifest.get("counts", {})

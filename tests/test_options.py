@@ -248,7 +248,13 @@ def test_nightly_without_a_cut_has_no_cluster_options(tmp_path):
     args, beam_args = cm_runner.split_beam_args(parser, ["--pool", "p.csv", "--model", "m.keras", "--work_dir",
                                                          str(tmp_path / "w"), "--batch_size", "10"])
     nightly._validate(args, parser, beam_args)
-    assert nightly.stage_options(args, parser).cluster is None  # the work dir's clusters are reused
+    stages = nightly.stage_options(args, parser)
+    assert stages.cluster is None  # the work dir's clusters are reused
+    # A cut decided during the run (e.g. the cached clustering's eps) completes them.
+    later = nightly.cluster_options(stages, distance_threshold=0.2, embeddings="e/*.parquet", output_dir="o")
+    assert later.distance_threshold == 0.2 and later.metric == "cosine"
+    with pytest.raises(InputError, match="exactly one of --distance_threshold"):
+        nightly.cluster_options(stages, embeddings="e/*.parquet", output_dir="o")
 
 
 def test_nightly_demo_checks_options_before_generating_the_demo(tmp_path, capsys):
