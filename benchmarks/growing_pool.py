@@ -69,18 +69,45 @@ def _write_subset(table, rows, path):
     pq.write_table(table.take(rows), path)
 
 
-def run(work: str, seed: int = SEED):
-    """One held-out draw and its batches; `seed` draws the 10% and seeds cm-select."""
+def adjusted_rand_index(a, b) -> float:
+    """ARI of two labelings (plain numpy: pair counts of the contingency table)."""
+    _, ia = np.unique(np.asarray(a), return_inverse=True)
+    _, ib = np.unique(np.asarray(b), return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1), np.int64)
+    np.add.at(table, (ia, ib), 1)
+    pairs = lambda x: (x * (x - 1) // 2).sum()  # noqa: E731
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([len(ia)]))
+    expected = rows * cols / total
+    top = (rows + cols) / 2
+    return float((index - expected) / (top - expected)) if top != expected else 1.0
+
+
+def _labels(directory, ids):
+    t = table_io.read_table(os.path.join(directory, "clusters-*.parquet"))
+    of = dict(zip(t.column("example_id").to_pylist(), t.column("cluster_id").to_pylist()))
+    return np.array([of[i] for i in ids])
+
+
+def _labels_or_none(directory, ids):
+    t = table_io.read_table(os.path.join(directory, "clusters-*.parquet"))
+    of = dict(zip(t.column("example_id").to_pylist(), t.column("cluster_id").to_pylist()))
+    return [of.get(i) for i in ids]
+
+
+def run(work: str, seed: int = SEED, new_fraction: float = NEW_FRACTION, factors=FACTORS):
+    """One held-out draw and its batches; `seed` draws the new examples and seeds cm-select."""
     import pyarrow as pa
 
     embeddings, labeled = _demo(work)
-    work = os.path.join(work, f"seed{seed}")
+    work = os.path.join(work, f"seed{seed}" + ("" if new_fraction == NEW_FRACTION else f"_new{new_fraction:g}"))
     pool = table_io.read_table(embeddings, columns=["example_id", "embedding", "margin"])
     ids = np.asarray(pool.column("example_id").to_pylist())
     margin = pool.column("margin").to_numpy()
-    rng = np.random.default_rng(seed)
+    # Salted: the demo draws its labeled seed set with default_rng(seed + 1) and its pixels
+    # with default_rng(seed); an unsalted draw here would pick exactly the seed set at seed 2.
+    rng = np.random.default_rng([seed, 15])
     new = np.zeros(len(ids), bool)
-    new[rng.choice(len(ids), int(round(NEW_FRACTION * len(ids))), replace=False)] = True
+    new[rng.choice(len(ids), int(round(new_fraction * len(ids))), replace=False)] = True
     old_emb = os.path.join(work, "old", "embeddings.parquet")
     _write_subset(pool.select(["example_id", "embedding"]), pa.array(np.flatnonzero(~new)), old_emb)
     timings = {}
@@ -100,7 +127,7 @@ def run(work: str, seed: int = SEED):
     eligible = np.array([i not in excluded for i in ids])
     new_ids = set(ids[new])
     rows = []
-    for factor in FACTORS:
+    for factor in factors:
         k_m = int(round(factor * BATCH))
         order = np.argsort(margin[eligible], kind="stable")[:k_m]
         margin_share = float(new[eligible][order].mean())
@@ -124,6 +151,9 @@ def run(work: str, seed: int = SEED):
             "extended": {"clusters": m_ext["clusters"], "points": m_ext["n"], "extension": m_ext["extension"]},
         },
         "seconds": timings,
+        "ari_extended_vs_all": adjusted_rand_index(_labels(c_ext, ids), _labels(c_all, ids)),
+        "ari_unclustered_vs_all": adjusted_rand_index(
+            [(x if x is not None else -1 - i) for i, x in enumerate(_labels_or_none(c_old, ids))], _labels(c_all, ids)),
         "rows": rows,
     }
 
@@ -143,9 +173,30 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default="/tmp/cm-growing-pool", help="Scratch directory (the demo pool is cached here).")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "growing_pool.json"))
+    ap.add_argument("--fractions", default="",
+                    help="Comma-separated shares of new examples to sweep (e.g. 0.1,0.25,0.5) at seed 1, k_m = 10 k_t: "
+                         "ARI of the extension against a reclustering, batch shares, seconds; written to "
+                         "benchmarks/results/growing_pool_fractions.json. Skips the main table.")
     ap.add_argument("--seeds", default="1", help="Comma-separated seeds (held-out draw and cm-select seed); the "
                                                  "table is seed 1's, the others give the spread.")
     args = ap.parse_args()
+    if args.fractions:
+        sweep = []
+        for fraction in [float(x) for x in args.fractions.split(",")]:
+            r = run(args.work, SEED, fraction, factors=(10.0,))
+            sweep.append({"new_fraction": fraction, "ari_extended_vs_all": r["ari_extended_vs_all"],
+                          "ari_unclustered_vs_all": r["ari_unclustered_vs_all"], "seconds": r["seconds"],
+                          "extension": r["clusterings"]["extended"]["extension"], **r["rows"][0]})
+            row = sweep[-1]
+            print(f"new {fraction:g}: ARI extended/all {row['ari_extended_vs_all']:.3f} (unclustered/all "
+                  f"{row['ari_unclustered_vs_all']:.3f}); batch share new: unclustered "
+                  f"{100 * row['new_share_of_batch_unclustered']:.1f}%, extended {100 * row['new_share_of_batch_extended']:.1f}%, "
+                  f"all {100 * row['new_share_of_batch_all']:.1f}%; seconds {row['seconds']}")
+        with open(os.path.join(ROOT, "benchmarks", "results", "growing_pool_fractions.json"), "w") as f:
+            json.dump({"benchmark": "growing_pool_fractions", "commit": _commit(),
+                       "command": f"python benchmarks/growing_pool.py --fractions {args.fractions}", "rows": sweep},
+                      f, indent=2)
+        return
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = {s: run(args.work, s) for s in seeds}
     first = runs[seeds[0]]
