@@ -8,7 +8,7 @@ sum of squared norms from DIR/state-*.parquet) by cm-cluster's exact-linkage rou
 DIR's eps and metric; examples of DIR that left the pool are removed from their clusters.
 The output is a full clustering in cm-cluster's files (clusters, merges, state, rejected,
 manifest.json with an `extension` record); clusters that gained and lost nothing keep
-their ids. See cm_beam/clustering/extend.py and docs/design.md, "Growing pools".
+their ids (cm_beam/clustering/extend.py; docs/design.md, "Growing pools").
 """
 
 from __future__ import annotations
