@@ -18,13 +18,11 @@ import json
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import beam_args, gaussian_blobs, write_embeddings
 from cm_beam.clustering import extend_kernels as ek
-from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.clustering.hac_kernels import Clusters
 from cm_beam.errors import InputError
@@ -333,3 +331,31 @@ def test_extension_manifest_fields_are_documented(tmp_path):
     clustering = {f.split(".")[0] for f in documented_fields("cm-cluster manifest.json")}
     assert set(manifest) - {"extension"} <= clustering
     assert set(manifest["outputs"]) == {"clusters", "merges", "rejected", "state"}
+
+
+def test_extension_counts_from_the_hac_nodes():
+    # Nodes: old A, old B, new p, q, r, s. A+p, B merged with A (via q), r+s alone.
+    final = np.array([1, 1, 1, 1, 7, 7])
+    is_old = np.array([True, True, False, False, False, False])
+    c = ek.extension_counts(final, is_old, np.ones(6, np.int64))
+    assert c == {"joined_existing": 2, "new_clusters": 1, "existing_merged": 1}
+
+
+def test_recompute_state_takes_the_sums_from_the_current_embeddings(tmp_path):
+    """After a new model every kept example's vector changed: with --extend_recompute_state
+    the existing clusters' sums are their members' current vectors (and without it, the
+    stored ones: the untouched clusters' state rows are the source's, bit for bit)."""
+    x = gaussian_blobs(200, 6, 12, spread=0.12, seed=11).astype(np.float32)
+    ids = _ids("ex", 200)
+    _cluster(write_embeddings(str(tmp_path / "old"), x[:180], ids[:180]), tmp_path / "c_old")
+    today = (x + 0.01 * np.random.default_rng(0).normal(size=x.shape)).astype(np.float32)
+    pool = write_embeddings(str(tmp_path / "pool"), today, ids)
+    _extend(tmp_path / "c_old", pool, tmp_path / "c_re", ["--extend_recompute_state"])
+    _check_state(str(tmp_path / "c_re"), dict(zip(ids, today)), "cosine")
+    m = _extend(tmp_path / "c_old", pool, tmp_path / "c_stored")
+    old_state, stored = _state(str(tmp_path / "c_old")), _state(str(tmp_path / "c_stored"))
+    untouched = m["clusters"] - m["extension"]["new_clusters"] - (m["extension"]["touched_clusters"]
+                                                                   - m["extension"]["existing_merged"])
+    same = [c for c in stored if c in old_state and stored[c][0] == old_state[c][0]
+            and np.array_equal(stored[c][1], old_state[c][1])]
+    assert len(same) >= untouched > 0

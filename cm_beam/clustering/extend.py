@@ -33,7 +33,7 @@ The merge hierarchy is the old one plus this run's merges (rounds numbered after
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import apache_beam as beam
 import numpy as np
@@ -43,10 +43,11 @@ from cm_beam.array_ops import unique_sorted
 from cm_beam.clustering import extend_kernels as ek
 from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import hierarchy_kernels as hik
+from cm_beam.clustering import knn_kernels as kk
 from cm_beam.clustering.build_clusters import CLUSTERS_SCHEMA, _SALT_ID, _Validate
 from cm_beam.clustering.hac import HacRounds
 from cm_beam.clustering.hac_kernels import Clusters
-from cm_beam.clustering.hierarchy import batch_to_merges, merges_to_batch
+from cm_beam.clustering.hierarchy import merges_to_batch
 from cm_beam.clustering.knn_graph import KnnGraph, _Timer
 from cm_beam.clustering.state import batch_state, state_batch
 from cm_beam.errors import InputError
@@ -244,15 +245,14 @@ def _recompute(kv, metric, center, num_shards):
     parts = list(parts)
     cluster = np.concatenate([p[0] for p in parts])
     hashes = np.concatenate([p[1] for p in parts])
-    x = kk_prepared(np.concatenate([p[2] for p in parts]), metric, center)
+    x = _prepared(np.concatenate([p[2] for p in parts]), metric, center)
     with _Timer("extend_state"):
         labels, counts, sums, sq = ek.group_state(cluster, hashes, x, metric)
     return Clusters(ek.node_ids(labels, num_shards), counts, sums, sq, labels)
 
 
-def kk_prepared(vecs, metric, center):
-    from cm_beam.clustering import knn_kernels as kk
-
+def _prepared(vecs, metric, center):
+    """The float64 vectors cm-cluster clusters (unit rows, or rows minus the old centre)."""
     return kk.prepared_vectors({"vecs": vecs, "normalise": metric == "cosine", "center": center}, np.float64)
 
 
@@ -281,7 +281,7 @@ def _cluster_edges(kv, nodes, k, metric, eps):
     if nodes is None or not len(nodes) or not len(block["ids"]):
         return
     with _Timer("extend_candidates"):
-        x = kk_prepared(block["vecs"], metric, block["center"])
+        x = _prepared(block["vecs"], metric, block["center"])
         src, dst = ek.cluster_candidates(x, block["ids"], nodes, k, metric, eps)
     if len(src):
         yield shard, {"src": src, "dst": dst}
@@ -303,7 +303,7 @@ def _split_nodes(c: Clusters, touched):
 
 # --- 5. Relabel the rows -----------------------------------------------------------
 
-def _table(_, assignments, untouched_changed, touched, num_shards):
+def _table(_, assignments, untouched_changed, touched):
     """{node ids sorted, final labels, sizes} of every node whose label or size may have
     changed, and the extension's counts."""
     with _Timer("extend_relabel"):
@@ -314,7 +314,7 @@ def _table(_, assignments, untouched_changed, touched, num_shards):
         hac_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         touched = np.asarray(touched, np.int64)
         is_old = np.isin(hac_ids, touched)
-        counts = ek.extension_counts(hac_ids, hac_labels, is_old, np.ones(len(hac_ids), np.int64))
+        counts = ek.extension_counts(hac_labels, is_old, np.ones(len(hac_ids), np.int64))
         for c in untouched_changed:
             ids.append(c.ids); labels.append(c.labels); sizes.append(c.counts)
         all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -453,7 +453,7 @@ class ExtendClusters(beam.PTransform):
         table = (
             p | "TableSeed" >> beam.Create([None])
             | "Table" >> beam.Map(_table, beam.pvalue.AsList(hac["assignments"] | "AssignedBlocks" >> beam.Values()),
-                                  beam.pvalue.AsList(untouched_changed), beam.pvalue.AsSingleton(touched), shards)
+                                  beam.pvalue.AsList(untouched_changed), beam.pvalue.AsSingleton(touched))
         )
         clusters = matched.rows | "Relabel" >> beam.Map(_relabel_rows, beam.pvalue.AsSingleton(table), shards)
         offset = self._offset

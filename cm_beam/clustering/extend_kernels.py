@@ -109,12 +109,10 @@ def group_state(owner: np.ndarray, point_keys: np.ndarray, x: np.ndarray, metric
     return owner[starts], counts.astype(np.int64), sums, sq
 
 
-def extension_counts(node_of_point: np.ndarray, final_label: np.ndarray, is_old: np.ndarray,
-                     counts: np.ndarray) -> Dict[str, int]:
+def extension_counts(final_label: np.ndarray, is_old: np.ndarray, counts: np.ndarray) -> Dict[str, int]:
     """What an extension did, from the HAC's nodes (one row each: final label, old or new,
     weight): new examples that joined an existing cluster, clusters made of new examples
     only, existing clusters merged into another existing one."""
-    del node_of_point
     final_label = np.asarray(final_label, np.int64)
     is_old = np.asarray(is_old, bool)
     labels, inverse = np.unique(final_label, return_inverse=True)
