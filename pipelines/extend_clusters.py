@@ -78,7 +78,7 @@ def run_extend(args, beam_args, start) -> Dict:
     transform = ExtendClusters(
         eps, metric, None if center is None else np.asarray(center, np.float64), src.get("dimension"),
         args.num_neighbors, args.extend_cluster_neighbors, args.num_shards, max_rounds, args.max_inmemory_edges,
-        int(src.get("rounds") or 0), args.extend_recompute_state)
+        int(src.get("rounds") or 0), args.extend_recompute_state, args.num_probes)
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
@@ -119,7 +119,7 @@ def run_extend(args, beam_args, start) -> Dict:
     params = dict(src["parameters"], embeddings=args.embeddings, extend=source, num_neighbors=args.num_neighbors,
                   extend_cluster_neighbors=args.extend_cluster_neighbors, num_shards=args.num_shards,
                   max_rounds=args.max_rounds, max_inmemory_edges=args.max_inmemory_edges,
-                  extend_recompute_state=args.extend_recompute_state)
+                  extend_recompute_state=args.extend_recompute_state, num_probes=args.num_probes)
     rejected = int(s["input_rows"]) - n
     extension = {k: s[k] for k in ("new_examples", "joined_existing", "new_clusters", "existing_merged", "merges",
                                    "removed", "emptied_clusters", "clusters_changed_by_removals",

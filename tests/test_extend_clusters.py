@@ -359,3 +359,34 @@ def test_recompute_state_takes_the_sums_from_the_current_embeddings(tmp_path):
     same = [c for c in stored if c in old_state and stored[c][0] == old_state[c][0]
             and np.array_equal(stored[c][1], old_state[c][1])]
     assert len(same) >= untouched > 0
+
+
+def test_partitioned_cluster_candidates_probe_their_partitions():
+    rng = np.random.default_rng(12)
+    for metric in ("cosine", "sqeuclidean"):
+        m, d = 300, 6
+        sums = rng.normal(size=(m, d)) * 3
+        counts = rng.integers(1, 5, m)
+        sq = (sums ** 2).sum(1) / counts + rng.random(m)  # any q >= |s|^2 / n
+        labels = rng.integers(1 << 40, 1 << 62, m)
+        nodes = Clusters(ek.node_ids(labels, 4), counts, sums, sq, labels).sorted()
+        x = rng.normal(size=(50, d))
+        if metric == "cosine":
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = np.arange(50, dtype=np.int64)
+        eps = 1.2 if metric == "cosine" else 20.0
+        parts = ek.partition_clusters(nodes, metric, 12)
+        # Every partition probed: the exhaustive search.
+        full = ek.cluster_candidates(x, ids, nodes, 4, metric, eps)
+        every = ek.cluster_candidates_partitioned(x, ids, nodes, parts, 4, metric, eps, 12)
+        assert len(full[0]) > 50
+        assert np.array_equal(full[0], every[0]) and np.array_equal(full[1], every[1])
+        # Two probes: each point's candidates are the exhaustive search's over the clusters
+        # of its two nearest partitions.
+        src, dst = ek.cluster_candidates_partitioned(x, ids, nodes, parts, 4, metric, eps, 2)
+        xd = (x / np.linalg.norm(x, axis=1, keepdims=True) if metric == "cosine" else x).astype(np.float32)
+        probes = kk.nearest_centroids(xd, parts["centroids"], 2)
+        for i in range(50):
+            near = nodes.take(np.flatnonzero(np.isin(parts["part"], probes[i])))
+            _, want = ek.cluster_candidates(x[i:i + 1], ids[i:i + 1], near, 4, metric, eps)
+            assert list(dst[src == i]) == list(want)

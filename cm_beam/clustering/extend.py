@@ -20,7 +20,8 @@ Stages:
    cluster, e.g. when the embedding model changed); one with none left is gone;
 3. Candidates (extend_kernels): kNN among the new points (KnnGraph, exact) and each new
    point's nearest existing clusters by exact linkage (the existing clusters' state is
-   a side input);
+   a side input; above PARTITION_MIN_CLUSTERS clusters each point compares only with
+   the clusters of its `num_probes` nearest k-means partitions of the cluster means);
 4. HacRounds (the same rounds as cm-cluster) from the touched existing clusters as
    weighted nodes plus the new points, at the old eps;
 5. Relabel: every pool row gets its final cluster from a table of the nodes whose label
@@ -276,13 +277,28 @@ class _ConcatClusters(beam.CombineFn):
 
 # --- 3. Candidates new point -> existing clusters --------------------------------
 
-def _cluster_edges(kv, nodes, k, metric, eps):
+def _index_nodes(nodes, metric, num_probes):
+    """The candidate search's side input: every existing cluster, and k-means partitions
+    of them when there are many (extend_kernels.PARTITION_MIN_CLUSTERS)."""
+    if nodes is None or len(nodes) <= ek.PARTITION_MIN_CLUSTERS:
+        return {"nodes": nodes, "partitions": None, "num_probes": num_probes}
+    with _Timer("extend_candidates"):
+        parts = ek.partition_clusters(nodes, metric, max(1, len(nodes) // ek.CLUSTERS_PER_PARTITION))
+    return {"nodes": nodes, "partitions": parts, "num_probes": num_probes}
+
+
+def _cluster_edges(kv, index, k, metric, eps):
     shard, block = kv
+    nodes = index["nodes"]
     if nodes is None or not len(nodes) or not len(block["ids"]):
         return
     with _Timer("extend_candidates"):
         x = _prepared(block["vecs"], metric, block["center"])
-        src, dst = ek.cluster_candidates(x, block["ids"], nodes, k, metric, eps)
+        if index["partitions"] is None:
+            src, dst = ek.cluster_candidates(x, block["ids"], nodes, k, metric, eps)
+        else:
+            src, dst = ek.cluster_candidates_partitioned(x, block["ids"], nodes, index["partitions"], k, metric, eps,
+                                                         index["num_probes"])
     if len(src):
         yield shard, {"src": src, "dst": dst}
         yield beam.pvalue.TaggedOutput("touched", unique_sorted(dst))
@@ -395,7 +411,7 @@ class ExtendClusters(beam.PTransform):
 
     def __init__(self, eps: float, metric: str, center: Optional[np.ndarray], dimension: Optional[int],
                  num_neighbors: int, cluster_neighbors: int, num_shards: int, max_rounds: int,
-                 max_inmemory_edges: int, round_offset: int, recompute_state: bool = False):
+                 max_inmemory_edges: int, round_offset: int, recompute_state: bool = False, num_probes: int = 2):
         super().__init__()
         self._eps, self._metric = float(eps), metric
         self._center = None if center is None else np.asarray(center, np.float64)
@@ -403,6 +419,7 @@ class ExtendClusters(beam.PTransform):
         self._k, self._kc = int(num_neighbors), int(cluster_neighbors)
         self._shards, self._rounds, self._inmem = int(num_shards), int(max_rounds), int(max_inmemory_edges)
         self._offset, self._recompute = int(round_offset), bool(recompute_state)
+        self._probes = int(num_probes)
 
     def expand(self, inputs):
         eps, metric, center, shards = self._eps, self._metric, self._center, self._shards
@@ -429,7 +446,8 @@ class ExtendClusters(beam.PTransform):
             | "Recompute" >> beam.Map(_recompute, metric, center, shards)
         )
         nodes = (stored.nodes, recomputed) | "FlattenNodes" >> beam.Flatten()
-        all_nodes = nodes | "GatherNodes" >> beam.CombineGlobally(_ConcatClusters(self._d or 0))
+        all_nodes = (nodes | "GatherNodes" >> beam.CombineGlobally(_ConcatClusters(self._d or 0))
+                     | "IndexNodes" >> beam.Map(_index_nodes, metric, self._probes))
 
         # 3. Candidates.
         new_points = matched.new | "GroupNew" >> beam.GroupByKey() | "MergeNew" >> beam.Map(_merge_point_blocks)

@@ -26,6 +26,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from cm_beam.array_ops import unique_sorted
 from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.clustering.hac_kernels import Clusters
@@ -57,19 +58,21 @@ def point_cluster_linkage(x: np.ndarray, x_sq: np.ndarray, nodes: Clusters, metr
 
 
 def cluster_candidates(x: np.ndarray, x_ids: np.ndarray, nodes: Clusters, k: int, metric: str,
-                       eps: float) -> Tuple[np.ndarray, np.ndarray]:
+                       eps: float, return_linkage: bool = False):
     """(src point id, dst node id): each point's k nodes of smallest linkage within eps.
 
     Ties go to the smaller node id. The cut keeps a small relative slack (the HAC
     recomputes every candidate's linkage from sums and drops what is above eps).
+    With `return_linkage`, a third array holds each pair's linkage.
     """
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64)) + ((np.zeros(0),) if return_linkage else ())
     if len(x_ids) == 0 or len(nodes) == 0 or k <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return empty
     x = np.asarray(x, np.float64)
     x_sq = np.einsum("ij,ij->i", x, x)
     nodes = nodes.sorted()
     chunk = max(1, _CHUNK_ENTRIES // max(len(nodes), 1))
-    srcs, dsts = [], []
+    srcs, dsts, links = [], [], []
     for start in range(0, len(x_ids), chunk):
         link = point_cluster_linkage(x[start:start + chunk], x_sq[start:start + chunk], nodes, metric)
         slack = 1e-9 * (1.0 + np.abs(link))
@@ -78,15 +81,72 @@ def cluster_candidates(x: np.ndarray, x_ids: np.ndarray, nodes: Clusters, k: int
             continue
         value = link[rows, cols]
         order = np.lexsort((cols, value, rows))  # per row: by linkage, then node id (cols are in id order)
-        rows, cols = rows[order], cols[order]
+        rows, cols, value = rows[order], cols[order], value[order]
         first = np.r_[0, np.flatnonzero(rows[1:] != rows[:-1]) + 1]
         rank = np.arange(len(rows)) - np.repeat(first, np.diff(np.r_[first, len(rows)]))
         keep = rank < k
         srcs.append(np.asarray(x_ids, np.int64)[start + rows[keep]])
         dsts.append(nodes.ids[cols[keep]])
+        links.append(value[keep])
+    if not srcs:
+        return empty
+    out = (np.concatenate(srcs), np.concatenate(dsts))
+    return out + ((np.concatenate(links),) if return_linkage else ())
+
+
+# Above this many existing clusters the candidate search probes k-means partitions of
+# the clusters instead of comparing each new point with every cluster.
+PARTITION_MIN_CLUSTERS = 10_000
+CLUSTERS_PER_PARTITION = 500
+KMEANS_ITERATIONS = 8
+
+
+def _directions(nodes: Clusters, metric: str) -> np.ndarray:
+    """Where a cluster sits, for partitioning: its mean (unit-normalised under cosine)."""
+    mean = nodes.sums / nodes.counts[:, None]
+    if metric == "cosine":
+        mean = kk.normalise_rows(mean)[0]
+    return mean.astype(np.float32)
+
+
+def partition_clusters(nodes: Clusters, metric: str, num_partitions: int, seed: int = 0) -> Dict[str, np.ndarray]:
+    """k-means partitions of the existing clusters' means: {"centroids", "part" (per node)}.
+
+    Deterministic for a given `nodes` (sorted by id, as `Clusters.concat` leaves them).
+    """
+    x = _directions(nodes, metric)
+    centroids = kk.kmeans(x, num_partitions, KMEANS_ITERATIONS, seed)
+    return {"centroids": centroids, "part": kk.nearest_centroids(x, centroids, 1)[:, 0]}
+
+
+def cluster_candidates_partitioned(x: np.ndarray, x_ids: np.ndarray, nodes: Clusters, partitions, k: int,
+                                   metric: str, eps: float, num_probes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """`cluster_candidates` restricted, per point, to the clusters of its `num_probes`
+    nearest partitions (approximate: a near cluster in another partition is missed, as
+    in the ivf kNN). With every partition probed it equals `cluster_candidates`."""
+    if len(x_ids) == 0 or len(nodes) == 0 or k <= 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    x = np.asarray(x, np.float64)
+    x_ids = np.asarray(x_ids, np.int64)
+    xd = x.astype(np.float32)
+    if metric == "cosine":
+        xd = kk.normalise_rows(xd)[0].astype(np.float32)
+    probes = kk.nearest_centroids(xd, partitions["centroids"], num_probes)
+    srcs, dsts, links = [], [], []
+    for p in unique_sorted(probes.ravel()):
+        rows = np.flatnonzero((probes == p).any(axis=1))
+        members = nodes.take(np.flatnonzero(partitions["part"] == p))
+        s, d, l = cluster_candidates(x[rows], x_ids[rows], members, k, metric, eps, return_linkage=True)
+        srcs.append(s); dsts.append(d); links.append(l)
     if not srcs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(srcs), np.concatenate(dsts)
+    src, dst, link = np.concatenate(srcs), np.concatenate(dsts), np.concatenate(links)
+    order = np.lexsort((dst, link, src))  # per point: by linkage, then node id; keep the k first
+    src, dst = src[order], dst[order]
+    first = np.r_[0, np.flatnonzero(src[1:] != src[:-1]) + 1] if len(src) else np.zeros(0, np.int64)
+    rank = np.arange(len(src)) - np.repeat(first, np.diff(np.r_[first, len(src)]))
+    keep = rank < k
+    return src[keep], dst[keep]
 
 
 def group_state(owner: np.ndarray, point_keys: np.ndarray, x: np.ndarray, metric: str
