@@ -390,3 +390,19 @@ def test_partitioned_cluster_candidates_probe_their_partitions():
             near = nodes.take(np.flatnonzero(np.isin(parts["part"], probes[i])))
             _, want = ek.cluster_candidates(x[i:i + 1], ids[i:i + 1], near, 4, metric, eps)
             assert list(dst[src == i]) == list(want)
+
+
+def test_an_extended_clustering_recuts_to_itself_and_extends_again(tmp_path):
+    """Its merge hierarchy is the source's plus this run's merges: cut at its eps it gives
+    back its clusters, and it can be extended again."""
+    x = gaussian_blobs(220, 6, 15, spread=0.12, seed=13).astype(np.float32)
+    ids = _ids("ex", 220)
+    _cluster(write_embeddings(str(tmp_path / "old"), x[:180], ids[:180]), tmp_path / "c0")
+    m1 = _extend(tmp_path / "c0", write_embeddings(str(tmp_path / "p1"), x[:200], ids[:200]), tmp_path / "c1")
+    build_clusters.run(["--recut_from", str(tmp_path / "c1"), "--distance_threshold", str(EPS),
+                        "--output_dir", str(tmp_path / "recut")] + beam_args())
+    assert _clusters(str(tmp_path / "recut")) == _clusters(str(tmp_path / "c1"))
+    m2 = _extend(tmp_path / "c1", write_embeddings(str(tmp_path / "p2"), x, ids), tmp_path / "c2")
+    assert m2["extension"]["new_examples"] == 20 and m2["counts"]["points"] == 220
+    assert m2["rounds"] == m1["rounds"] + m2["extension"]["rounds"]
+    _check_state(str(tmp_path / "c2"), dict(zip(ids, x)), "cosine")
