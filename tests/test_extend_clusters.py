@@ -406,3 +406,32 @@ def test_an_extended_clustering_recuts_to_itself_and_extends_again(tmp_path):
     assert m2["extension"]["new_examples"] == 20 and m2["counts"]["points"] == 220
     assert m2["rounds"] == m1["rounds"] + m2["extension"]["rounds"]
     _check_state(str(tmp_path / "c2"), dict(zip(ids, x)), "cosine")
+
+
+def test_nightly_extends_a_grown_pool_and_reclusters_above_the_fraction(tmp_path):
+    """cm-nightly's decision for a clustering built from other embeddings (pipelines.nightly._growth)."""
+    import argparse
+
+    from cm_beam.io import artifacts
+    from cm_beam.nightly import work_dir as nw
+    from pipelines import nightly
+
+    def clustering(name, points, **cut):
+        d = str(tmp_path / name)
+        manifest = {"stage": "cluster", "counts": {"points": points}, "max_distance": 0.1,
+                    "outputs": {"clusters": "clusters-*.parquet", "state": "state-*.parquet"},
+                    "cut": {"rule": "distance", "requested": 0.1, "distance_threshold": 0.1, **cut}}
+        artifacts.write_manifest(d, manifest)
+        return nw.CompleteDir(d, artifacts.read_manifest(d))
+
+    today = nw.CompleteDir(str(tmp_path / "emb"), {"counts": {"embedded": 1000}})
+    args = argparse.Namespace(recluster_fraction=0.25)
+    action, why = nightly._growth(args, clustering("a", 1000), today)
+    assert action == "cached" and "did not grow" in why
+    action, why = nightly._growth(args, clustering("b", 800), today)
+    assert action == "extend" and "grew by 200 examples (20.0%" in why
+    action, why = nightly._growth(args, clustering("c", 700), today)
+    assert action == "recluster" and "300 new examples are 30.0%" in why and "--recluster_fraction 0.25" in why
+    action, why = nightly._growth(args, clustering("d", 900, rule="target", distance_threshold=0.05), today)
+    assert action == "recluster" and "cannot be extended" in why
+    assert nightly.build_parser().parse_args(["--work_dir", "w"]).recluster_fraction == nightly.DEFAULT_RECLUSTER_FRACTION
