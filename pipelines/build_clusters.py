@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_inmemory_edges", type=cm_runner.non_negative_int, default=cl.DEFAULT_MAX_INMEMORY_EDGES,
                    help="Candidate edges under which the remaining clustering finishes on one worker.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the k-means initialisations.")
+    ext = p.add_argument_group("extension (pipelines/extend_clusters.py)")
+    ext.add_argument("--extend", default=None,
+                     help="Output directory of an earlier cm-cluster run: extend its clusters by the examples of "
+                          "--embeddings (the whole current pool) it does not hold, at its eps and metric.")
+    ext.add_argument("--extend_cluster_neighbors", type=cm_runner.positive_int, default=10,
+                     help="With --extend: existing clusters (smallest exact linkage within eps) each new example "
+                          "is a candidate of.")
+    ext.add_argument("--extend_recompute_state", type=cm_runner.str2bool, nargs="?", const=True, default=False,
+                     help="With --extend: recompute every existing cluster's state from its members' current "
+                          "embeddings (e.g. after a new embedding model), not only of clusters that lost members.")
     cm_runner.add_output_flags(p)
     return p
 
@@ -149,6 +159,10 @@ def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = N
     args = options  # the options carry the flags' names
     beam_args = beam_options
     start = time.time()
+    if args.extend is not None:
+        from pipelines import extend_clusters
+
+        return extend_clusters.run_extend(args, beam_args, start)
     if args.recut_from is not None:
         return _recut(args, beam_args, start)
     # Everything that can fail on bad input is checked before any work is done.
@@ -166,6 +180,8 @@ def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = N
         artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
     out["merges"] | "WriteMerges" >> table_io.WriteTableBlocks(
         artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
+    out["state"] | "WriteState" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "state"), cl.STATE_SCHEMA)
     out["summary"] | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
     rows = sum(f.num_rows for f in files)
     _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), transform.params["max_distance"],
@@ -196,7 +212,8 @@ def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = N
                    "clusters": summary["clusters"], "singletons": singletons},
         **summary,
         "input_fingerprint": fingerprint,
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet"},
+        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet",
+                    "state": "state-*.parquet"},
         "timings": {
             "pipeline_seconds": round(pipeline_seconds, 3),
             "wall_seconds": round(time.time() - start, 3),
@@ -303,6 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _print_summary(manifest) -> None:
+    if manifest.get("extension"):
+        from pipelines import extend_clusters
+
+        return extend_clusters.print_summary(manifest)
     c = manifest["counts"]
     cut = manifest["cut"]
     if cut.get("source"):

@@ -13,8 +13,10 @@ One run:
    <work_dir>/embeddings/<key>/; skipped when a complete output for the same pool
    content, model file and parameters exists (a rerun after a failure);
 2. cluster: cm-cluster over those embeddings into <work_dir>/clusters/<pool>/<key>/,
-   only when the work dir holds no clustering of this pool or with --recluster;
-   examples added to the pool since are singletons (counted by cm-select);
+   only when the work dir holds no clustering of this pool or with --recluster; when
+   the pool grew since the newest clustering, `cm-cluster --extend` adds the new
+   examples to it (or, above --recluster_fraction of the pool, a new clustering is
+   built); the summary says which and why (stages.cluster.decision);
 3. select: cm-select into <work_dir>/batches/<batch_name>/, excluding the --exclude
    lists and every earlier complete batch that no --exclude entry covers, so no
    image goes to labelers twice;
@@ -73,6 +75,11 @@ DEMO_IMAGE_SIZE = 32
 DEMO_BATCH_SIZE = 200
 DEMO_SEED_SET = 300
 DEMO_DISTANCE_THRESHOLD = 0.05  # cosine; about 10 images per cluster on the demo pool, the paper's recipe
+# Above this share of new examples a grown pool is reclustered rather than extended: an
+# extension never splits an existing cluster, so it drifts from a reclustering as the new
+# share grows (benchmarks/README.md, "Growing pools": ARI against a reclustering 0.83 at
+# 10% new, 0.78 at 25%, 0.70 at 50% on the demo pool).
+DEFAULT_RECLUSTER_FRACTION = 0.25
 
 EMBEDDING_SHARDS = "embeddings-*.parquet"
 CLUSTER_SHARDS = "clusters-*.parquet"  # not rejected-*.parquet, which sits beside them
@@ -121,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     clu.add_argument("--metric", choices=METRICS, default=None, help="Distance of the clustering (cm-cluster default cosine).")
     clu.add_argument("--num_neighbors", type=cm_runner.positive_int, default=None, help="k of the candidate kNN graph.")
     clu.add_argument("--recluster", **_BOOL, help="Build new clusters from today's embeddings even if the work dir has some.")
+    clu.add_argument("--recluster_fraction", type=cm_runner.positive_float, default=DEFAULT_RECLUSTER_FRACTION,
+                     help="When the pool grew since the cached clustering, extend it (cm-cluster --extend) unless the "
+                          "new examples are more than this fraction of today's pool; then recluster.")
     emb = p.add_argument_group("embedding (cm-embed)")
     emb.add_argument("--pool_format", choices=POOL_FORMATS, default=None, help="Layout of --pool (inferred when unambiguous).")
     emb.add_argument("--image_size", type=cm_runner.positive_int, default=None, help="Images are resized to this square size (cm-embed default 224).")
@@ -411,21 +421,86 @@ def _cluster(args, work: nw.WorkDir, embeddings: nw.CompleteDir, stages: StageOp
     begun = progress.begin("cluster", f"looking for clusters of this pool under {work.clusters_root(pool_key)}")
     same = [d for d in existing if d.path.rstrip("/") == directory.rstrip("/")]
     reuse = same[-1] if same else (existing[-1] if existing and not args.recluster else None)
+    decision = ("--recluster" if args.recluster else "no clustering of this pool in the work dir yet")
     if reuse is not None:
         c = reuse.manifest.get("counts", {})
         built_for = reuse.manifest.get("parameters", {})
         if not same and any(flags[k] is not None and built_for.get(k) not in (None, flags[k]) for k in flags):
             _LOG.warning("cached clusters %s were built with other parameters (%s); pass --recluster to rebuild",
                          reuse.path, {k: built_for.get(k) for k in flags})
-        progress.end("cluster", begun, "cached", f"reusing {reuse.path} ({_cluster_counts_line(c)})",
-                     output=reuse.path, counts=c)
-        return reuse
+        action, decision = ("cached", "built from today's embeddings") if same else _growth(args, reuse, embeddings)
+        if action == "cached":
+            progress.end("cluster", begun, "cached", f"reusing {reuse.path} ({_cluster_counts_line(c)}): {decision}",
+                         output=reuse.path, counts=c, decision=decision)
+            return reuse
+        if action == "extend":
+            return _extend(args, work, embeddings, reuse, pool_key, decision, stages, beam_args, progress, begun)
+        # Recluster: at the cached clustering's eps and metric unless given.
+        for k in ("distance_threshold", "metric"):
+            if flags[k] is None:
+                flags[k] = reuse.manifest.get(k) if k == "distance_threshold" else built_for.get(k)
+        key = nw.stable_hash({"embeddings": nw.dir_name(embeddings.path), "flags": flags, "raw": args.cluster_arg})
+        directory = work.clusters_dir(pool_key, key)
     options = cluster_options(stages, embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
-                              output_dir=directory, overwrite=True)
+                              output_dir=directory, overwrite=True, **{k: v for k, v in flags.items() if v is not None})
     print(f"cm-nightly [{progress.index}/{progress.total}] cluster: running cm-cluster -> {directory}", file=sys.stderr, flush=True)
     manifest = run_cluster(options, _stage_beam_args(stages, beam_args, "cluster"))
     c = manifest.get("counts", {})
-    progress.end("cluster", begun, "ran", _cluster_counts_line(c), output=directory, counts=c, key=key)
+    status = "reclustered" if reuse is not None else "ran"
+    progress.end("cluster", begun, status, f"{_cluster_counts_line(c)}: {decision}", output=directory, counts=c, key=key,
+                 decision=decision)
+    return nw.CompleteDir(directory, manifest)
+
+
+def _growth(args, cached: nw.CompleteDir, embeddings: nw.CompleteDir):
+    """("cached" | "extend" | "recluster", why) for a clustering built from other embeddings.
+
+    The growth is counted, not matched: today's embedded rows minus the clustering's
+    points (the extension itself counts the exact new and removed examples).
+    """
+    from pipelines import extend_clusters
+
+    clustered = int(cached.manifest.get("counts", {}).get("points") or 0)
+    today = int(embeddings.manifest.get("counts", {}).get("embedded") or 0)
+    grown = today - clustered
+    if grown <= 0:
+        return "cached", f"the pool did not grow ({today} embedded today, {clustered} clustered)"
+    share = grown / today
+    if share > args.recluster_fraction:
+        return "recluster", (f"{grown} new examples are {100 * share:.1f}% of today's pool, above "
+                             f"--recluster_fraction {args.recluster_fraction}")
+    try:
+        extend_clusters.check_source(cached.path)
+    except InputError as e:
+        return "recluster", f"the pool grew by {grown} examples but the cached clustering cannot be extended ({e})"
+    return "extend", (f"the pool grew by {grown} examples ({100 * share:.1f}% of today's pool, at most "
+                      f"--recluster_fraction {args.recluster_fraction})")
+
+
+def _extend(args, work, embeddings, cached, pool_key, decision, stages, beam_args, progress, begun) -> nw.CompleteDir:
+    from pipelines.build_clusters import run_cluster
+
+    key = nw.stable_hash({"embeddings": nw.dir_name(embeddings.path), "extend": nw.dir_name(cached.path),
+                          "num_neighbors": args.num_neighbors})
+    directory = work.clusters_dir(pool_key, key)
+    # The stored cluster sums describe the embeddings the clustering was built from: with
+    # another model (or when those embeddings are gone) they are recomputed from today's.
+    source_embeddings = (cached.manifest.get("parameters") or {}).get("embeddings") or ""
+    source = artifacts.read_manifest(source_embeddings.rsplit("/", 1)[0]) if source_embeddings else None
+    same_model = bool(source) and source.get("model_fingerprint") == embeddings.manifest.get("model_fingerprint")
+    options = ClusterOptions(extend=cached.path, embeddings=artifacts.join(embeddings.path, EMBEDDING_SHARDS),
+                             output_dir=directory, overwrite=True, extend_recompute_state=not same_model,
+                             **({"num_neighbors": args.num_neighbors} if args.num_neighbors is not None else {}))
+    print(f"cm-nightly [{progress.index}/{progress.total}] cluster: extending {cached.path} -> {directory}",
+          file=sys.stderr, flush=True)
+    manifest = run_cluster(options, _stage_beam_args(stages, beam_args, "cluster"))
+    c = manifest.get("counts", {})
+    e = manifest.get("extension", {})
+    decision += ("" if same_model else "; cluster sums recomputed from today's embeddings (another model)")
+    progress.end("cluster", begun, "extended",
+                 f"{_cluster_counts_line(c)}: {decision}; {e.get('new_examples')} new examples, "
+                 f"{e.get('joined_existing')} joined existing clusters, {e.get('new_clusters')} new clusters",
+                 output=directory, counts=c, key=key, decision=decision, extended_from=cached.path, extension=e)
     return nw.CompleteDir(directory, manifest)
 
 

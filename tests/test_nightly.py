@@ -3,8 +3,8 @@
 * the --demo command: pool, model, three stages, report, progress lines;
 * the following nights: cached embeddings/clusters, earlier batches excluded until
   an --exclude entry names them, a complete batch is not recomputed;
-* a new model re-embeds but keeps the clusters; a grown pool's new examples are
-  singletons, and counted;
+* a new model re-embeds but keeps the clusters; a grown pool's clusters are extended
+  by its new examples (cm-cluster --extend, sums recomputed under the new model);
 * reliability: a failure injected inside the cluster job, then inside the select
   job, leaves no batch marked complete; the rerun gives the batch of an undisturbed
   run;
@@ -469,7 +469,7 @@ def test_verbose_shows_third_party_logs_and_the_default_hides_them():
 
 
 @pytest.mark.slow
-def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night, tmp_path):
+def test_new_model_reembeds_and_grown_pool_extends_the_clusters(first_night, tmp_path):
     """Last in this file: it grows the first night's pool in place (the same --pool, as a real pool grows)."""
     import keras
 
@@ -493,20 +493,31 @@ def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night,
     summary = nightly.run(argv + ["--batch_name", "grown", "--keep_embeddings", "1"])
     stages = summary["stages"]
     assert stages["embed"]["status"] == "ran" and stages["embed"]["output"] != first_night["summary"]["embeddings"]
-    assert stages["cluster"]["status"] == "cached" and summary["clusters"] == first_night["summary"]["clusters"]
+    # 30 new of 270 (11%) is under --recluster_fraction 0.25: the clusters are extended.
+    assert stages["cluster"]["status"] == "extended", stages["cluster"]
+    assert stages["cluster"]["extended_from"] == first_night["summary"]["clusters"]
+    assert "grew by 30 examples" in stages["cluster"]["decision"] and "recomputed" in stages["cluster"]["decision"]
+    assert stages["cluster"]["extension"]["new_examples"] == 30 and stages["cluster"]["extension"]["removed"] == 0
+    assert stages["cluster"]["counts"]["points"] == POOL_SIZE + 30
     # Only today's embeddings are kept (--keep_embeddings 1); clusters and batches stay.
     assert summary["pruned_embeddings"] == [first_night["summary"]["embeddings"]]
     assert os.listdir(work / "embeddings") == [os.path.basename(stages["embed"]["output"])]
     c = summary["counts"]
     assert c["pool"] == POOL_SIZE + 30
-    # Eligible examples missing from the cached clusters: exactly the new ones (none is excluded).
-    assert c["unclustered_eligible"] == 30
-    table = table_io.read_table(nw.selection_glob(summary["batch_dir"]))
-    new_in_batch = [i for i, cid in zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist())
-                    if i.startswith("new-")]
-    assert all(cid < 0 for i, cid in zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist())
-               if i.startswith("new-"))  # singletons (synthetic negative ids)
-    assert c["selected_unclustered"] == len(new_in_batch)
+    # Every example has a cluster now. The new ones are copies of clustered images (same
+    # pixels under new ids): most join their original's cluster; a copy whose original's
+    # cluster is, under the new model's embeddings, farther than eps from it on average
+    # does not (the extension never splits a cluster).
+    assert c["unclustered_eligible"] == 0 and c["selected_unclustered"] == 0
+    clusters = table_io.read_table(os.path.join(summary["clusters"], "clusters-*.parquet"))
+    of = dict(zip(clusters.column("example_id").to_pylist(), clusters.column("cluster_id").to_pylist()))
+    originals = [row.split(",")[0] for row in rows[1:31]]
+    with_original = sum(of[new] == of[orig] for new, orig in zip(added, originals))
+    assert with_original >= 20 and stages["cluster"]["extension"]["joined_existing"] >= with_original
+
+    # A second night on the same pool and model: nothing grew, the extended clustering is reused.
+    again = nightly.run(argv + ["--batch_name", "grown-again", "--keep_embeddings", "1"])
+    assert again["stages"]["cluster"]["status"] == "cached" and again["clusters"] == summary["clusters"]
 
 
 def test_report_numbers_equal_a_direct_count(tmp_path):

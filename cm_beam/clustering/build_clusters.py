@@ -10,6 +10,7 @@ HAC at scale") as one Beam PTransform, in the style of TFDV's stats_api:
         | BuildClusters(distance_threshold=0.2, metric="cosine"))
     clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size, leaf_id
     clusters["merges"]     # pa.RecordBatch: every merge (hierarchy.MERGES_SCHEMA)
+    clusters["state"]      # pa.RecordBatch: each cluster's linkage state at max_distance (state.STATE_SCHEMA)
     clusters["rejected"]   # pa.RecordBatch: example_id, reason (NaN/inf, zero vector, ...)
     clusters["summary"]    # one dict: n, clusters, size histogram, rounds, recall, fingerprint
 
@@ -50,6 +51,7 @@ from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
 from cm_beam.clustering.hac import HacRounds
 from cm_beam.clustering.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
+from cm_beam.clustering.state import STATE_SCHEMA, state_batch  # noqa: F401
 from cm_beam.hashing import _splitmix64, hash_ids
 from cm_beam.clustering.knn_graph import KnnGraph, _Timer
 
@@ -408,6 +410,7 @@ def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, para
         "ids_checked_unique": int(sum(checked)),
         "input_fingerprint": plan["fingerprint"],
         "input_fingerprint_method": FINGERPRINT_METHOD,
+        "state_center": None if plan["mean"] is None else [float(v) for v in plan["mean"]],
     }
 
 
@@ -471,6 +474,7 @@ class BuildClusters(beam.PTransform):
     Output: dict of PCollections
       "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64),
       "merges":   pa.RecordBatch (hierarchy.MERGES_SCHEMA), every merge up to max_distance,
+      "state":    pa.RecordBatch (state.STATE_SCHEMA), count/sum/sq of each cluster at max_distance,
       "rejected": pa.RecordBatch (example_id, reason),
       "summary":  one dict (see docs/reference.md, "cm-cluster manifest.json": n,
                   clusters, size_histogram, rounds, per-round merges/active clusters,
@@ -598,4 +602,6 @@ class BuildClusters(beam.PTransform):
                 self.params)
         )
         return {"clusters": clusters, "rejected": valid.rejected, "summary": summary,
-                "merges": merges | "MergesToBatches" >> beam.Map(merges_to_batch)}
+                "merges": merges | "MergesToBatches" >> beam.Map(merges_to_batch),
+                "state": hac["final_state"] | "StateToBatches" >> beam.Map(
+                    lambda c: state_batch(c.labels, c.counts, c.sums, c.sq))}

@@ -73,6 +73,7 @@ def _emit_done(clusters: Clusters, members):
         m = shards == s
         yield beam.pvalue.TaggedOutput("done", (int(s), {"points": points[m], "labels": labels[m], "sizes": sizes[m]}))
     yield beam.pvalue.TaggedOutput("sizes", clusters.counts)
+    yield beam.pvalue.TaggedOutput("final_state", clusters)
 
 
 def _take_members(members, owner_ids):
@@ -107,21 +108,24 @@ def _directed_bound(kv) -> int:
 
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
-    blocks, srcs, dsts = [], [], []
+    blocks, nodes, srcs, dsts = [], [], [], []
     for tag, value in items:
         if tag == "points":
-            blocks.append(value)
+            (nodes if "nodes" in value else blocks).append(value)
         else:
             srcs.append(value[0]); dsts.append(value[1])
-    if not blocks:
+    if not blocks and not nodes:
         if srcs:  # never legitimate: every edge starts at a point of this shard
             raise AssertionError(f"shard {shard}: {sum(len(x) for x in srcs)} edges arrived without the shard's points")
         return []
-    ids = np.concatenate([b["ids"] for b in blocks])
-    labels = np.concatenate([b["labels"] for b in blocks])
-    vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
-    sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
-    clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
+    parts = [b["nodes"] for b in nodes]  # weighted starting nodes (cm-cluster --extend: existing clusters)
+    if blocks:
+        ids = np.concatenate([b["ids"] for b in blocks])
+        labels = np.concatenate([b["labels"] for b in blocks])
+        vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
+        sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
+        parts.append(Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels))
+    clusters = Clusters.concat(parts, parts[0].sums.shape[1])
     src = np.concatenate(srcs) if srcs else _EMPTY
     dst = np.concatenate(dsts) if dsts else _EMPTY
     if not force_finish:  # the finish deduplicates every edge itself (dense_canonical_edges)
@@ -396,11 +400,14 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
 class HacRounds(beam.PTransform):
     """Average-linkage HAC cut at eps over sharded points and candidate edges.
 
-    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"}),
+    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"}) singletons, or
+                              (shard, {"nodes": hac_kernels.Clusters}) weighted starting nodes
+                              (their members are the nodes themselves),
                    "edges":  (shard, {"src", "dst", ...})} of PCollections.
     Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
              "sizes": int64 arrays of final cluster sizes,
              "merges": hierarchy_kernels.Merges blocks, every merge made (see that module),
+             "final_state": hac_kernels.Clusters blocks, the state of every final cluster,
              "stats": ((round, name), value) summed per key}.
 
     Example:
@@ -445,16 +452,18 @@ class HacRounds(beam.PTransform):
                 _initial_state, metric, beam.pvalue.AsSingleton(knn_directed), self._max_inmemory,
                 self._max_rounds == 0).with_outputs("finish", main="round")
         )
-        done, sizes, stats, finish, merges = [], [], [], [routed.finish], []
+        done, sizes, stats, finish, merges, final_state = [], [], [], [routed.finish], [], []
         state = routed.round
         for r in range(self._max_rounds):
             nearest = (
                 state
                 | f"R{r}Ghosts" >> beam.FlatMap(_send_ghosts)
                 | f"R{r}GroupGhosts" >> beam.GroupByKey()
-                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs("done", "sizes", "stats", main="state")
+                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs(
+                    "done", "sizes", "stats", "final_state", main="state")
             )
             done.append(nearest.done); sizes.append(nearest.sizes); stats.append(nearest.stats)
+            final_state.append(nearest.final_state)
             matched = (
                 nearest.state
                 | f"R{r}GroupChoices" >> beam.GroupByKey()
@@ -484,13 +493,15 @@ class HacRounds(beam.PTransform):
             | "GroupFinish" >> beam.GroupByKey()
             | "FinishInMemory" >> beam.FlatMap(
                 _finish, eps, metric, self._max_inmemory, self._max_rounds
-            ).with_outputs("done", "sizes", "stats", "merges")
+            ).with_outputs("done", "sizes", "stats", "merges", "final_state")
         )
         done.append(finished.done); sizes.append(finished.sizes); stats.append(finished.stats)
+        final_state.append(finished.final_state)
         merges.append(finished.merges)
         return {
             "assignments": done | "FlattenDone" >> beam.Flatten(),
             "sizes": sizes | "FlattenSizes" >> beam.Flatten(),
             "merges": merges | "FlattenMerges" >> beam.Flatten(),
+            "final_state": final_state | "FlattenFinalState" >> beam.Flatten(),
             "stats": stats | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
         }

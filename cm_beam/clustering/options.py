@@ -47,6 +47,11 @@ class ClusterOptions:
     max_rounds: int = cl.DEFAULT_MAX_ROUNDS
     max_inmemory_edges: int = cl.DEFAULT_MAX_INMEMORY_EDGES
     seed: int = 0
+    # Extension (pipelines/extend_clusters.py): cluster the pool's new examples together
+    # with the clusters of an earlier output directory.
+    extend: Optional[str] = None
+    extend_cluster_neighbors: int = 10
+    extend_recompute_state: bool = False
     overwrite: bool = False
 
     def __post_init__(self):
@@ -58,6 +63,18 @@ class ClusterOptions:
             raise InputError.bad_parameter("output_dir", "is required")
         if self.metric not in METRICS:
             raise InputError.bad_parameter("metric", f"must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.extend is not None:
+            for name in ("distance_threshold", "target_mean_cluster_size", "num_clusters", "max_distance", "recut_from"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"--{name}: not used with --extend (the extension runs at the eps and metric of "
+                                     f"--extend {self.extend})", parameter=name)
+            if self.embeddings is None:
+                raise InputError("--embeddings is required with --extend: the whole current pool", parameter="embeddings")
+            if self.output_dir.rstrip("/") == self.extend.rstrip("/"):
+                raise InputError("--output_dir must differ from --extend", parameter="output_dir")
+            if not self.extend_cluster_neighbors >= 1:
+                raise InputError.bad_parameter("extend_cluster_neighbors", f"must be >= 1, got {self.extend_cluster_neighbors}")
+            return
         if self.recut_from is not None:
             if self.embeddings is not None:
                 raise InputError("--embeddings: not used with --recut_from (the hierarchy is read from that directory)",
