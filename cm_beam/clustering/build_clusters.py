@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cm_beam.clustering import duplicates_kernels as dk
 from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
@@ -288,6 +289,12 @@ def _shard_points(block, plan, metric):
 
 
 def _merge_points(kv, plan, metric):
+    """A shard's point pieces -> one block, exact duplicates folded (main), plus their
+    height-0 merges ("merges") and how many rows were folded ("folded").
+
+    Identical prepared vectors go to the same spatial shard (the shard is a function
+    of the vector), so folding inside the shard finds them without another shuffle.
+    """
     shard, parts = kv
     blocks = [p for _, p in parts]
     ids = np.concatenate([b["ids"] for b in blocks])
@@ -302,13 +309,22 @@ def _merge_points(kv, plan, metric):
         if a == b:
             raise InputError(f"--embeddings: duplicate example_id {a!r}: every example_id must appear once")
         raise RuntimeError(f"53-bit id hash collision between example_ids {a!r} and {b!r} in shard {shard}")
-    return shard, {
-        "ids": ids,
-        "labels": np.concatenate([b["labels"] for b in blocks])[order],
-        "vecs": np.concatenate([b["vecs"] for b in blocks])[order],
-        "normalise": metric == "cosine",
-        "center": plan["mean"],
-    }
+    labels = np.concatenate([b["labels"] for b in blocks])[order]
+    vecs = np.concatenate([b["vecs"] for b in blocks])[order]
+    block = {"ids": ids, "labels": labels, "vecs": vecs, "normalise": metric == "cosine", "center": plan["mean"]}
+    with _Timer("fold_duplicates"):
+        rep = dk.duplicate_groups(dk.row_bits(kk.prepared_vectors(block, np.float32)), ids)
+        reps, counts = dk.fold_counts(rep)
+        folded = np.flatnonzero(rep != np.arange(len(ids)))
+        if len(folded):
+            yield beam.pvalue.TaggedOutput("merges", dk.fold_merges(labels, rep))
+            group_labels = labels.copy()  # a group is named by its smallest leaf id
+            np.minimum.at(group_labels, rep, labels)
+            block = dict(block, ids=ids[reps], labels=group_labels[reps], vecs=vecs[reps])
+    yield beam.pvalue.TaggedOutput("folded", len(folded))
+    # counts: the points each row stands for; folded: (representative id, point id) of
+    # the other members, which the clustering carries as members of the representative.
+    yield shard, dict(block, counts=counts, folded=(ids[rep[folded]], ids[folded]))
 
 
 def _check_unique(kv):
@@ -354,7 +370,7 @@ def _join_names(kv):
              pa.array(leaves, pa.int64())], schema=CLUSTERS_SCHEMA)
 
 
-def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, params):
+def _summary(_, plan, stats, sizes, recall, checked, folded, rejected_counts, cuts, params):
     sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     n = int(plan["n"])
     if cuts:  # cut below max_distance: the counts are the cut's
@@ -405,6 +421,7 @@ def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, para
         "beam_rounds": beam_rounds,
         "inmemory_rounds": mem_rounds,
         "knn_recall": recall_value,
+        "duplicates_folded": int(sum(folded)),
         "ids_checked_unique": int(sum(checked)),
         "input_fingerprint": plan["fingerprint"],
         "input_fingerprint_method": FINGERPRINT_METHOD,
@@ -540,7 +557,10 @@ class BuildClusters(beam.PTransform):
         plan_si = beam.pvalue.AsSingleton(plan)
         pieces = valid.points | "ShardPoints" >> beam.FlatMap(_shard_points, plan_si, metric).with_outputs(
             "names", "dupcheck", main="points")
-        points = pieces.points | "GroupPoints" >> beam.GroupByKey() | "MergePoints" >> beam.Map(_merge_points, plan_si, metric)
+        merged = (pieces.points | "GroupPoints" >> beam.GroupByKey()
+                  | "MergePoints" >> beam.FlatMap(_merge_points, plan_si, metric).with_outputs(
+                      "merges", "folded", main="points"))
+        points = merged.points
         checked = (pieces.dupcheck | "GroupIdHashes" >> beam.GroupByKey()
                    | "CheckUniqueIds" >> beam.Map(_check_unique))
 
@@ -571,7 +591,7 @@ class BuildClusters(beam.PTransform):
             | "GroupOutput" >> beam.GroupByKey()
             | "JoinExampleIds" >> beam.FlatMap(_join_names)
         )
-        merges = hac["merges"]
+        merges = (hac["merges"], merged.merges) | "FlattenMerges" >> beam.Flatten()
         rule, value = self._cut
         cuts = []
         if rule != "distance" or value < eps:
@@ -593,6 +613,7 @@ class BuildClusters(beam.PTransform):
                 beam.pvalue.AsList(hac["sizes"]),
                 beam.pvalue.AsList(recall),
                 beam.pvalue.AsList(checked),
+                beam.pvalue.AsList(merged.folded),
                 beam.pvalue.AsDict(rejected_counts),
                 cut_list,
                 self.params)

@@ -13,7 +13,7 @@ A round is four keyed stages (one GroupByKey each):
 1. Nearest: every shard sends each neighbouring shard the state of its clusters
    adjacent to it ("ghosts"), so each shard computes the exact float64 linkage of
    all its edges (in a canonical orientation, so both ends get bit-identical values),
-   drops edges above eps, finds each cluster's nearest candidate (ties: smaller id),
+   drops edges above eps, finds each cluster's nearest candidate (ties: `hac_kernels.pair_priority`),
    and retires clusters with no candidate left (their members are final);
 2. Match: each cluster tells its nearest's shard "I chose you"; reciprocal pairs merge
    into the smaller id; losers send their state to the winner's shard and a rename
@@ -120,13 +120,19 @@ def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish)
     ids = np.concatenate([b["ids"] for b in blocks])
     labels = np.concatenate([b["labels"] for b in blocks])
     vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
-    sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
-    clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
+    # A point may stand for several identical ones (build_clusters folds exact
+    # duplicates): count c, sum c * v, squared norms c * |v|^2 (exact linkage state).
+    counts = np.concatenate([b.get("counts", np.ones(len(b["ids"]), np.int64)) for b in blocks])
+    sq = np.einsum("ij,ij->i", vecs, vecs) * counts if metric == "sqeuclidean" else np.zeros(len(ids))
+    clusters = Clusters(ids, counts, vecs * counts[:, None], sq, labels).sorted()
+    folded = [b["folded"] for b in blocks if "folded" in b]
+    owner = np.concatenate([clusters.ids] + [f[0] for f in folded])
+    points = np.concatenate([clusters.ids] + [f[1] for f in folded])
     src = np.concatenate(srcs) if srcs else _EMPTY
     dst = np.concatenate(dsts) if dsts else _EMPTY
     if not force_finish:  # the finish deduplicates every edge itself (dense_canonical_edges)
         src, dst = _directed_unique(src, dst)
-    return _route(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst),
+    return _route(shard, _state(clusters, (owner, points), src, dst),
                   directed_bound, max_inmemory_edges, force_finish, 0)
 
 
@@ -203,7 +209,7 @@ def _nearest(kv, eps, metric, round_index):
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
         src, dst, link = src[keep], dst[keep], link[keep]
-        has, nn, nn_link = hk.nearest_candidates(src, dst, link)
+        has, nn, nn_link = hk.nearest_candidates(src, dst, link, round_index)
         active = np.isin(c.ids, has)
         retired = c.take(~active)
         members_retired, members = _take_members(st["members"], retired.ids)
@@ -369,9 +375,13 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
         points = np.concatenate([s["members"][1] for s in states])
         u = np.concatenate([s["src"] for s in states])
         v = np.concatenate([s["dst"] for s in states])
+        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
+        if any(s["next_round"] != first_round for s in states):
+            raise AssertionError("shards reached the in-memory finish after different rounds")
         try:
             final, (losers, winners), stats, _, log = hk.hac_in_memory(
-                clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True)
+                clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True,
+                first_round=first_round)
         except hk.TooManyEdges as e:
             raise RuntimeError(
                 f"cm-cluster: {e.edges} candidate edges are left after --max_rounds={max_rounds} rounds, "
@@ -382,9 +392,6 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "merges"), s.merges))
-        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
-        if any(s["next_round"] != first_round for s in states):
-            raise AssertionError("shards reached the in-memory finish after different rounds")
         if len(log["size"]):
             yield beam.pvalue.TaggedOutput("merges", hik.Merges.from_pairs(
                 log["label_w"], log["label_l"], log["height"], log["size"], first_round + log["round"]))
@@ -396,7 +403,9 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
 class HacRounds(beam.PTransform):
     """Average-linkage HAC cut at eps over sharded points and candidate edges.
 
-    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"}),
+    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"[, "counts",
+                   "folded"]}) (counts: points a row stands for; folded: (row id, point id)
+                   of the points it stands for besides itself),
                    "edges":  (shard, {"src", "dst", ...})} of PCollections.
     Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
              "sizes": int64 arrays of final cluster sizes,
