@@ -14,7 +14,11 @@ Pools:
   (1,425 rows), cosine, eps 0.2;
 * simplex_4x150: 4 regular simplices of 150 points (all pairs inside a group tied), cosine,
   eps 0.3, default k (100) and k = 200;
-* grid_squares: 6 far-apart 4 x 4 grids of spacing 1 (ties everywhere), sqeuclidean, eps 20.
+* simplex_3x600_k100: 3 regular simplices of 600 points, cosine, eps 0.3, default k: a tied
+  clique larger than k (the kNN lists tie-break by id: a hub);
+* grid_squares: 6 far-apart 4 x 4 grids of spacing 1 (ties everywhere), sqeuclidean, eps 20;
+* zipf_20000: 20,000 rows drawn from 4,000 distinct 32-d blob points with Zipf(1.1)
+  frequencies (a web-like pool: a few heavy duplicates, many singletons), cosine, eps 0.1.
 
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/duplicates_bench.py --repeats 3
 
@@ -70,6 +74,14 @@ def simplices(groups=4, size=150):
     return x
 
 
+def zipf_pool(n=20_000, distinct=4_000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(400, d))
+    base = (centers[rng.integers(0, 400, distinct)] + 0.3 * rng.normal(size=(distinct, d))).astype(np.float32)
+    weights = 1.0 / np.arange(1, distinct + 1) ** 1.1
+    return base[rng.choice(distinct, n, p=weights / weights.sum())]
+
+
 def grid_squares(squares=6, side=4, gap=100.0):
     g = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(np.float32)
     return np.concatenate([g + gap * np.array([s, s % 2], np.float32) for s in range(squares)])
@@ -81,7 +93,9 @@ CASES = {
     "duplicates_mixed": (duplicates_mixed, ["--distance_threshold", "0.2"]),
     "simplex_4x150_k100": (simplices, ["--distance_threshold", "0.3"]),
     "simplex_4x150_k200": (simplices, ["--distance_threshold", "0.3", "--num_neighbors", "200"]),
+    "simplex_3x600_k100": (lambda: simplices(3, 600), ["--distance_threshold", "0.3"]),
     "grid_squares": (grid_squares, ["--distance_threshold", "20", "--metric", "sqeuclidean"]),
+    "zipf_20000": (zipf_pool, ["--distance_threshold", "0.1"]),
 }
 
 
@@ -118,7 +132,8 @@ def run_once(tree, pattern, flags, out_dir, log_path):
     env = dict(os.environ, PYTHONPATH=tree)
     cmd = [sys.executable, "-m", "pipelines.build_clusters", "--embeddings", pattern, "--output_dir", out_dir,
            *flags, "--runner=FnApiRunner"]
-    m = run_measured(cmd, env=env, log_path=log_path, kill_above_mb=6000)
+    # cwd = the version's tree: `python -m` puts the working directory first on sys.path.
+    m = run_measured(cmd, env=env, log_path=log_path, kill_above_mb=6000, cwd=tree)
     manifest_path = os.path.join(out_dir, "manifest.json")
     with open(manifest_path) as f:
         manifest = json.load(f)
@@ -150,6 +165,7 @@ def main(argv=None):
             x = make()
             pattern = write_pool(os.path.join(work, name, "in"), x)
             runs = {"before": [], "after": []}
+            pattern = os.path.abspath(pattern)
             equal = []
             for r in range(args.repeats):
                 parts = {}

@@ -67,17 +67,25 @@ def test_in_memory_rounds_equal_scipy_with_all_pairs(metric, targets):
         assert sum(s.merges for s in stats) == n - len(final)
 
 
-def _nearest_by_loop(src, dst, link, round_index):
-    """Reference: per src, the dst of its first edge under (linkage to 36 significant
-    bits, pair priority of the round, dst id); linkages > 0."""
+def _nearest_by_loop(src, dst, link, round_index, tie_scale):
+    """Reference: per src, the dst of its first edge under (linkage in units of
+    tie_scale * 2^-36, rounded down; pair priority of the round; dst id)."""
     best = {}
     for s_, d_, l_ in zip(src.tolist(), dst.tolist(), link.tolist()):
-        mantissa, exponent = math.frexp(l_)
         prio = int(hk.pair_priority(np.array([s_]), np.array([d_]), round_index)[0])
-        key = (exponent, math.floor(mantissa * 2.0 ** 37), prio, d_)
+        key = (math.floor(l_ / (tie_scale * 2.0 ** -36)), prio, d_)
         if s_ not in best or key < best[s_]:
             best[s_] = key
-    return sorted(best), [best[s_][3] for s_ in sorted(best)]
+    return sorted(best), [best[s_][2] for s_ in sorted(best)]
+
+
+def test_tie_keys_join_only_rounding_differences():
+    link = np.array([-1e-3, 0.0, -0.0, 0.25, 0.25 + 1e-15, 0.25 + 1e-9, 2.0])
+    keys = hk.tie_keys(link)
+    assert (np.diff(keys[[0, 1, 3, 5, 6]]) > 0).all() and keys[1] == keys[2] and keys[3] == keys[4]
+    # The resolution scales with tie_scale (sqeuclidean: the squared norms' size).
+    assert hk.tie_keys(np.array([4e6]), 2.0 ** 22)[0] == hk.tie_keys(np.array([4e6 + 1e-8]), 2.0 ** 22)[0]
+    assert hk.tie_keys(np.array([4e6]))[0] != hk.tie_keys(np.array([4e6 + 1e-8]))[0]
 
 
 def test_nearest_candidates_break_ties_by_pair_priority():
@@ -88,9 +96,9 @@ def test_nearest_candidates_break_ties_by_pair_priority():
     src, dst = src[keep], dst[keep]
     # Many ties: exact, and within float rounding (1e-15 apart: ties too).
     link = rng.choice([0.1, 0.2, 0.3], len(src)) + rng.choice([0.0, 1e-15, 3e-3], len(src))
-    s, nn, l = hk.nearest_candidates(src, dst, link, 3)
-    want_s, want_nn = _nearest_by_loop(src, dst, link, 3)
-    assert not np.array_equal(nn, hk.nearest_candidates(src, dst, link, 4)[1])  # the round salts the order
+    s, nn, l = hk.nearest_candidates(src, dst, link, 3, tie_scale=0.5)
+    want_s, want_nn = _nearest_by_loop(src, dst, link, 3, 0.5)
+    assert not np.array_equal(nn, hk.nearest_candidates(src, dst, link, 4, tie_scale=0.5)[1])  # the round salts the order
     assert s.tolist() == want_s and nn.tolist() == want_nn
     # The priority is a function of the unordered pair: both ends see the same order.
     assert np.array_equal(hk.pair_priority(src, dst), hk.pair_priority(dst, src))

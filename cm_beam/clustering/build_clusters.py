@@ -176,6 +176,17 @@ def _prepare_vectors(vecs: np.ndarray, metric: str, mean: Optional[np.ndarray]) 
     return kk.prepared_vectors({"vecs": vecs, "normalise": metric == "cosine", "center": mean})
 
 
+def _tie_scale(metric: str, mean: Optional[np.ndarray], max_sq_norm: float) -> float:
+    """The size of the terms linkages are computed from (hac_kernels.tie_keys): 1 for
+    cosine (unit vectors); for sqeuclidean a bound of the largest squared norm of the
+    centred vectors, (max |v| + |mean|)^2. Rounded up to a power of two, so float noise
+    in the mean does not change it."""
+    if metric != "sqeuclidean":
+        return 1.0
+    bound = (np.sqrt(max_sq_norm) + float(np.sqrt(np.dot(mean, mean)))) ** 2
+    return float(2.0 ** np.ceil(np.log2(max(bound, 1e-300))))
+
+
 # --- PoolStats: one global combine ----------------------------------------------
 
 class _PoolStats(beam.CombineFn):
@@ -185,15 +196,18 @@ class _PoolStats(beam.CombineFn):
         self._metric, self._sample_size = metric, sample_size
 
     def create_accumulator(self):
-        return {"n": 0, "rows": 0, "dims": {}, "fp": 0, "sum": None, "hashes": np.zeros(0, np.uint64), "vecs": None}
+        return {"n": 0, "rows": 0, "dims": {}, "fp": 0, "sum": None, "maxsq": 0.0, "hashes": np.zeros(0, np.uint64),
+                "vecs": None}
 
     def add_input(self, acc, block):
         part = {"n": len(block["hashes"]), "rows": block["rows"], "fp": block["fingerprint"], "dims": {},
-                "sum": None, "hashes": block["hashes"], "vecs": None}
+                "sum": None, "maxsq": 0.0, "hashes": block["hashes"], "vecs": None}
         if len(block["hashes"]):
             part["dims"] = {block["d"]: block["first_id"]}
             if self._metric == "sqeuclidean":
-                part["sum"] = block["vecs"].astype(np.float64).sum(axis=0)
+                v = block["vecs"].astype(np.float64)
+                part["sum"] = v.sum(axis=0)
+                part["maxsq"] = float(np.einsum("ij,ij->i", v, v).max())
             part["vecs"] = block["vecs"]  # raw: Plan prepares them once the mean is known
             part = self._trim(part)
         return self.merge_accumulators([acc, part])
@@ -215,6 +229,7 @@ class _PoolStats(beam.CombineFn):
                 out["dims"].setdefault(d, first)
             if a["sum"] is not None:
                 out["sum"] = a["sum"] if out["sum"] is None else out["sum"] + a["sum"]
+            out["maxsq"] = max(out["maxsq"], a["maxsq"])
             if a["vecs"] is not None and len(a["hashes"]):
                 if vecs and vecs[0].shape[1] != a["vecs"].shape[1]:
                     continue  # mixed dimensions: reported by Plan, naming example ids
@@ -241,13 +256,14 @@ def _plan(stats, metric, knn_mode, exact_max_points, num_shards, num_partitions,
             f"{id2!r} has {d2}; all embeddings must have the same length"
         )
     plan = {"n": n, "rows": stats["rows"], "fingerprint": f"{stats['fp']:016x}", "mode": None, "dim": None,
-            "mean": None, "shard_centroids": None, "ivf_centroids": None, "num_partitions": 0,
+            "mean": None, "tie_scale": 1.0, "shard_centroids": None, "ivf_centroids": None, "num_partitions": 0,
             "sample": {"ids": np.zeros(0, np.int64), "vecs": np.zeros((0, 1), np.float32)}}
     if n == 0:
         return plan
     plan["dim"] = int(next(iter(stats["dims"])))
     mean = stats["sum"] / n if metric == "sqeuclidean" else None
     plan["mean"] = mean
+    plan["tie_scale"] = _tie_scale(metric, mean, stats["maxsq"])
     sample = _prepare_vectors(stats["vecs"], metric, mean).astype(np.float32)
     plan["shard_centroids"] = kk.kmeans(sample, num_shards, KMEANS_ITERATIONS, seed)
     mode = knn_mode if knn_mode != "auto" else ("exact" if n <= exact_max_points else "ivf")
@@ -582,7 +598,8 @@ class BuildClusters(beam.PTransform):
         recall = recall[0] if recall else batches.pipeline | "NoRecall" >> beam.Create([])
 
         hac = {"points": points, "edges": edges} | "Hac" >> HacRounds(
-            eps, metric, self._unrolled_rounds, p["max_inmemory_edges"])
+            eps, metric, self._unrolled_rounds, p["max_inmemory_edges"],
+            beam.pvalue.AsSingleton(plan | "TieScale" >> beam.Map(lambda pl: pl["tie_scale"])))
 
         clusters = (
             (hac["assignments"] | "TagAssigned" >> beam.Map(lambda kv: (kv[0], ("assigned", kv[1]))),

@@ -181,7 +181,7 @@ def _send_ghosts(kv):
         yield int(q), ("ghost", c.take(pos))
 
 
-def _nearest(kv, eps, metric, round_index):
+def _nearest(kv, eps, metric, round_index, tie_scale):
     shard, items = kv
     st, ghosts = None, []
     for tag, value in items:
@@ -209,7 +209,7 @@ def _nearest(kv, eps, metric, round_index):
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
         src, dst, link = src[keep], dst[keep], link[keep]
-        has, nn, nn_link = hk.nearest_candidates(src, dst, link, round_index)
+        has, nn, nn_link = hk.nearest_candidates(src, dst, link, round_index, tie_scale)
         active = np.isin(c.ids, has)
         retired = c.take(~active)
         members_retired, members = _take_members(st["members"], retired.ids)
@@ -363,7 +363,7 @@ def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
 
 # --- In-memory finish --------------------------------------------------------------
 
-def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
+def _finish(kv, eps, metric, max_inmemory_edges, max_rounds, tie_scale):
     _, states = kv
     states = list(states)
     if not states:
@@ -381,7 +381,7 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
         try:
             final, (losers, winners), stats, _, log = hk.hac_in_memory(
                 clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True,
-                first_round=first_round)
+                first_round=first_round, tie_scale=tie_scale)
         except hk.TooManyEdges as e:
             raise RuntimeError(
                 f"cm-cluster: {e.edges} candidate edges are left after --max_rounds={max_rounds} rounds, "
@@ -411,13 +411,15 @@ class HacRounds(beam.PTransform):
              "sizes": int64 arrays of final cluster sizes,
              "merges": hierarchy_kernels.Merges blocks, every merge made (see that module),
              "stats": ((round, name), value) summed per key}.
+    `tie_scale` (a float or a singleton side input): linkages closer than
+    tie_scale * hac_kernels.TIE_RESOLUTION are ties (`hac_kernels.tie_keys`).
 
     Example:
         hac = {"points": shard_blocks, "edges": graph["edges"]} | HacRounds(
             eps=0.2, metric="cosine", max_rounds=16, max_inmemory_edges=2_000_000)
     """
 
-    def __init__(self, eps: float, metric: str, max_rounds: int, max_inmemory_edges: int):
+    def __init__(self, eps: float, metric: str, max_rounds: int, max_inmemory_edges: int, tie_scale=1.0):
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -427,6 +429,7 @@ class HacRounds(beam.PTransform):
             raise ValueError("max_rounds and max_inmemory_edges must be >= 0")
         self._eps, self._metric = float(eps), metric
         self._max_rounds, self._max_inmemory = int(max_rounds), int(max_inmemory_edges)
+        self._tie_scale = tie_scale
 
     def expand(self, inputs):
         eps, metric = self._eps, self._metric
@@ -461,7 +464,7 @@ class HacRounds(beam.PTransform):
                 state
                 | f"R{r}Ghosts" >> beam.FlatMap(_send_ghosts)
                 | f"R{r}GroupGhosts" >> beam.GroupByKey()
-                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs("done", "sizes", "stats", main="state")
+                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r, self._tie_scale).with_outputs("done", "sizes", "stats", main="state")
             )
             done.append(nearest.done); sizes.append(nearest.sizes); stats.append(nearest.stats)
             matched = (
@@ -492,7 +495,7 @@ class HacRounds(beam.PTransform):
             | "OneKey" >> beam.Map(lambda st: (0, st))
             | "GroupFinish" >> beam.GroupByKey()
             | "FinishInMemory" >> beam.FlatMap(
-                _finish, eps, metric, self._max_inmemory, self._max_rounds
+                _finish, eps, metric, self._max_inmemory, self._max_rounds, self._tie_scale
             ).with_outputs("done", "sizes", "stats", "merges")
         )
         done.append(finished.done); sizes.append(finished.sizes); stats.append(finished.stats)

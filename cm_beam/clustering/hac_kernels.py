@@ -139,23 +139,23 @@ def edge_linkage(clusters_u: Clusters, iu: np.ndarray, clusters_v: Clusters, iv:
     return out
 
 
-# Linkages equal in their first 36 significant bits (relative 2^-36 ~ 1.5e-11) are
-# ties: float64 sums of tied points give linkages that differ only by rounding, and
-# that rounding is not random (it grows with the cluster sizes), so ordered by it a
-# clique of tied points chains into its largest cluster, one merge per round.
-TIE_DROPPED_BITS = 16
+# Linkages closer than tie_scale * TIE_RESOLUTION are ties. tie_scale bounds the size of
+# the terms a linkage is computed from (1 under cosine: dots of unit vectors; under
+# sqeuclidean the largest squared norm, `build_clusters` plans it), so float64 rounding,
+# ~1e-16 of it, is far below the resolution. Tied (or duplicate) points give linkages
+# that differ only by that rounding, and the rounding is not random (it grows with the
+# cluster sizes): ordered by it, a clique of tied points chains into its largest
+# cluster, one merge per round.
+TIE_RESOLUTION = 2.0 ** -36
 
 
-def tie_keys(link: np.ndarray) -> np.ndarray:
-    """int64 order keys of linkages: the float64 bits as a monotone integer, the
-    last TIE_DROPPED_BITS of the mantissa dropped. Equal keys are ties (broken by
-    `pair_priority`). Only the choice of nearest candidate uses them; merge heights
-    and the eps cut stay exact.
+def tie_keys(link: np.ndarray, tie_scale: float = 1.0) -> np.ndarray:
+    """int64 order keys of linkages: floor(link / (tie_scale * TIE_RESOLUTION)). Equal
+    keys are ties (broken by `pair_priority`). Only the choice of nearest candidate uses
+    them; merge heights and the eps cut stay exact.
     """
-    bits = np.ascontiguousarray(link, np.float64).view(np.int64)
-    # Sign and magnitude -> two's complement: orders like the values (-0.0 == 0.0).
-    ordered = np.where(bits < 0, -(bits & np.int64(0x7FFFFFFFFFFFFFFF)), bits)
-    return ordered >> TIE_DROPPED_BITS
+    q = np.floor(np.asarray(link, np.float64) / (float(tie_scale) * TIE_RESOLUTION))
+    return np.clip(q, -2.0 ** 62, 2.0 ** 62).astype(np.int64)
 
 
 def pair_priority(a: np.ndarray, b: np.ndarray, round_index: int = 0) -> np.ndarray:
@@ -179,8 +179,8 @@ def pair_priority(a: np.ndarray, b: np.ndarray, round_index: int = 0) -> np.ndar
     return _splitmix64(_splitmix64(lo ^ salt) ^ hi)
 
 
-def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray,
-                       round_index: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray, round_index: int = 0,
+                       tie_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per distinct src: its nearest dst (min `tie_keys` of the linkage, then min
     `pair_priority` in this round, then min id) and that (exact) linkage.
 
@@ -189,7 +189,7 @@ def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray,
     """
     if len(src) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    order = np.lexsort((dst, pair_priority(src, dst, round_index), tie_keys(link), src))
+    order = np.lexsort((dst, pair_priority(src, dst, round_index), tie_keys(link, tie_scale), src))
     s = src[order]
     first = np.ones(len(s), bool)
     first[1:] = s[1:] != s[:-1]
@@ -264,7 +264,8 @@ class RoundStats:
     merges: int
 
 
-def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str, round_index: int = 0):
+def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str, round_index: int = 0,
+              tie_scale: float = 1.0):
     """One RNN round over the whole (in-memory) state.
 
     Returns (clusters after merging, edges u, v after relabelling, winners, losers, stats).
@@ -277,7 +278,7 @@ def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metr
     link = edge_linkage(clusters, iu, clusters, iv, metric)
     keep = link <= eps
     u, v, link = u[keep], v[keep], link[keep]
-    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]), round_index)
+    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]), round_index, tie_scale)
     winners, losers = reciprocal_pairs(src, nn)
     clusters = merge_clusters(clusters, winners, losers)
     order = np.argsort(losers, kind="stable")
@@ -313,14 +314,14 @@ def dense_canonical_edges(ids_sorted: np.ndarray, u: np.ndarray, v: np.ndarray) 
 
 def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str,
                   max_rounds: int = 1 << 30, max_edges: Optional[int] = None, return_merges: bool = False,
-                  first_round: int = 0):
+                  first_round: int = 0, tie_scale: float = 1.0):
     """Runs RNN rounds until no candidate edge within eps is left.
 
     The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
     the canonical orientation (smaller id first), cut at eps, nearest candidate by
     (`tie_keys`, `pair_priority`, id), reciprocal pairs merge into the smaller id;
     `first_round` numbers this call's first round (it salts `pair_priority`, so a finish
-    after r Beam rounds continues their sequence). Faster for
+    after r Beam rounds continues their sequence); `tie_scale` as in `tie_keys`. Faster for
     many rounds on one worker: clusters are dense indices in id order (so index
     order is id order), only edges touching a cluster merged in the last round get
     their linkage recomputed (the others' clusters did not change: same bits), and
@@ -365,7 +366,7 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
             stats.append(RoundStats(n_edges, 0, 0))
             break
         # Nearest candidate: min tie key, then min pair priority, then min index (= min id).
-        key = tie_keys(link)
+        key = tie_keys(link, tie_scale)
         mink = np.full(m, np.iinfo(np.int64).max, np.int64)
         np.minimum.at(mink, iu, key)
         np.minimum.at(mink, iv, key)
