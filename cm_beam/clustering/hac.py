@@ -13,8 +13,9 @@ A round is four keyed stages (one GroupByKey each):
 1. Nearest: every shard sends each neighbouring shard the state of its clusters
    adjacent to it ("ghosts"), so each shard computes the exact float64 linkage of
    all its edges (in a canonical orientation, so both ends get bit-identical values),
-   drops edges above eps, finds each cluster's nearest candidate (ties: `hac_kernels.pair_priority`),
-   and retires clusters with no candidate left (their members are final);
+   drops edges above eps, finds each cluster's nearest candidate (ties within
+   `hac_kernels.tie_keys` broken by `hac_kernels.pair_priority`), and retires clusters
+   with no candidate left (their members are final);
 2. Match: each cluster tells its nearest's shard "I chose you"; reciprocal pairs merge
    into the smaller id; losers send their state to the winner's shard and a rename
    notice to the shards of their neighbours;
