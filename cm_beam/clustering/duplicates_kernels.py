@@ -71,7 +71,11 @@ def duplicate_groups(bits: np.ndarray, ids: np.ndarray,
     order = np.lexsort((ids, h))
     hs = h[order]
     same_hash = hs[1:] == hs[:-1]
-    equal = same_hash & (bits[order[1:]] == bits[order[:-1]]).all(axis=1)
+    equal = same_hash.copy()
+    check = np.flatnonzero(same_hash)  # only rows that share a hash are compared
+    for lo in range(0, len(check), _HASH_CHUNK):
+        c = check[lo:lo + _HASH_CHUNK]
+        equal[c] = (bits[order[c + 1]] == bits[order[c]]).all(axis=1)
     if (same_hash & ~equal).any():
         # A collision: number the distinct rows of each colliding hash.
         for value in np.unique(hs[1:][same_hash & ~equal]):
