@@ -83,6 +83,25 @@ def test_fold_merges_build_each_group_as_a_balanced_tree_at_height_0(size):
     assert np.array_equal(got[size:], labels[size:]) and (sizes[size:] == 1).all()
 
 
+def test_nearest_centroid_per_row_does_not_depend_on_the_block():
+    """Rows near the boundary of two centroids, in blocks of several sizes: each row's
+    centroid is the one it gets alone, and the exact (float64) nearest one."""
+    rng = np.random.default_rng(7)
+    c = rng.normal(size=(6, 48)).astype(np.float32)
+    mid = (c[0] + c[1]) / 2
+    x = (mid + 1e-6 * rng.normal(size=(600, 48))).astype(np.float32)  # near-ties everywhere
+    x = np.concatenate([x, rng.normal(size=(200, 48)).astype(np.float32)])
+    exact = np.argmin(((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1), axis=1)
+    alone = np.array([dk.nearest_centroid_per_row(x[i:i + 1], c)[0] for i in range(len(x))])
+    assert np.array_equal(alone, exact)
+    for size in (1, 3, 64, 333, len(x)):
+        got = np.concatenate([dk.nearest_centroid_per_row(x[s:s + size], c, chunk=97) for s in range(0, len(x), size)])
+        assert np.array_equal(got, alone), size
+    # The plain float32 product flips some of these rows between blocks (49 here).
+    whole = kk.nearest_centroids(x, c, 1)[:, 0]
+    assert sum(int((kk.nearest_centroids(x[s:s + 3], c, 1)[:, 0] != whole[s:s + 3]).sum()) for s in range(0, 600, 3))
+
+
 # --- cm-cluster against scipy ---------------------------------------------------------
 
 def run(pattern, out, eps, *flags, workers=1):

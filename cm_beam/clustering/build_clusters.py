@@ -288,7 +288,8 @@ def _shard_points(block, plan, metric):
         return
     with _Timer("shard_points"):
         vecs = _prepare_vectors(block["vecs"], metric, plan["mean"])
-        shards = kk.nearest_centroids(vecs.astype(np.float32), plan["shard_centroids"], 1)[:, 0]
+        # Per row, so identical vectors share a shard (MergePoints folds them there).
+        shards = dk.nearest_centroid_per_row(vecs.astype(np.float32), plan["shard_centroids"])
         ids = hk.make_ids(shards, block["hashes"])
         labels = hk.public_labels(block["hashes"])
         for s in unique_sorted(shards):

@@ -15,7 +15,9 @@ compared, so a hash collision never merges different vectors (`duplicate_groups`
 
 * `row_hashes`: uint64 hash of each row's float32 bit pattern;
 * `duplicate_groups`: each row's representative (the member with the smallest id);
-* `fold_merges`: the height-0 merges of the groups, as a balanced binary tree per group.
+* `fold_merges`: the height-0 merges of the groups, as a balanced binary tree per group;
+* `nearest_centroid_per_row`: each row's nearest centroid as a function of the row alone
+  (the spatial shard), so identical vectors always share a shard and fold there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from cm_beam.hashing import _splitmix64
 
 # Rows hashed per chunk (chunk x d uint64 temporaries).
 _HASH_CHUNK = 1 << 14
+# A float32 distance gap below this fraction of |x|^2 + max |c|^2 may be rounding
+# (float32 matmul error is ~1e-6 of it): such rows are decided again in float64.
+_NEAR_TIE = 1e-4
 
 
 def row_bits(x: np.ndarray) -> np.ndarray:
@@ -133,3 +138,32 @@ def fold_merges(labels: np.ndarray, rep: np.ndarray) -> hik.Merges:
         parts.append(hik.Merges.from_pairs(labels[order[win]], labels[order[lose]], np.zeros(len(win)), size,
                                            (j - levels[win]).astype(np.int32)))
     return hik.Merges.concat(parts)
+
+
+def nearest_centroid_per_row(x: np.ndarray, centroids: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Index of each row's nearest centroid (squared Euclidean, ties to the smaller
+    index) that depends on the row alone, not on the rows beside it.
+
+    A float32 matrix product gives a row different bits in different blocks (BLAS
+    kernels block and vectorise by the matrix shape), which can flip the argmin when
+    two centroids are nearly tied: identical vectors read in different blocks would
+    land in different shards. Rows whose two nearest float32 distances are within
+    rounding of each other are decided again one by one in float64; for the others
+    the float32 argmin is the exact one.
+    """
+    x = np.asarray(x, np.float32)
+    c = np.asarray(centroids, np.float32)
+    out = np.zeros(len(x), np.int64)
+    if len(x) == 0 or len(c) == 1:
+        return out
+    c_sq = np.einsum("ij,ij->i", c, c)
+    c64 = c.astype(np.float64)
+    for lo in range(0, len(x), chunk):
+        xs = x[lo:lo + chunk]
+        d = c_sq[None, :] - 2.0 * (xs @ c.T)  # + |x|^2, the same for every centroid
+        two = np.partition(d, 1, axis=1)[:, :2]
+        out[lo:lo + chunk] = np.argmin(d, axis=1)
+        scale = np.einsum("ij,ij->i", xs, xs) + c_sq.max()
+        for i in np.flatnonzero(two[:, 1] - two[:, 0] <= _NEAR_TIE * scale):
+            out[lo + i] = int(np.argmin(((c64 - xs[i].astype(np.float64)) ** 2).sum(axis=1)))
+    return out
