@@ -18,7 +18,9 @@ Pools:
   clique larger than k (the kNN lists tie-break by id: a hub);
 * grid_squares: 6 far-apart 4 x 4 grids of spacing 1 (ties everywhere), sqeuclidean, eps 20;
 * zipf_20000: 20,000 rows drawn from 4,000 distinct 32-d blob points with Zipf(1.1)
-  frequencies (a web-like pool: a few heavy duplicates, many singletons), cosine, eps 0.1.
+  frequencies (a web-like pool: a few heavy duplicates, many singletons), cosine, eps 0.1;
+* blobs_100000: 100,000 distinct 64-d blob points (no duplicates, few ties), cosine, eps 0.2:
+  what the fold and the per-row shard assignment cost a pool that gains nothing from them.
 
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/duplicates_bench.py --repeats 3
 
@@ -82,6 +84,13 @@ def zipf_pool(n=20_000, distinct=4_000, d=32, seed=0):
     return base[rng.choice(distinct, n, p=weights / weights.sum())]
 
 
+def blobs(n=100_000, d=64, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n // 10, d))
+    x = centers[rng.integers(0, n // 10, n)] + 0.15 * rng.normal(size=(n, d))
+    return x.astype(np.float32)
+
+
 def grid_squares(squares=6, side=4, gap=100.0):
     g = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2).astype(np.float32)
     return np.concatenate([g + gap * np.array([s, s % 2], np.float32) for s in range(squares)])
@@ -96,6 +105,7 @@ CASES = {
     "simplex_3x600_k100": (lambda: simplices(3, 600), ["--distance_threshold", "0.3"]),
     "grid_squares": (grid_squares, ["--distance_threshold", "20", "--metric", "sqeuclidean"]),
     "zipf_20000": (zipf_pool, ["--distance_threshold", "0.1"]),
+    "blobs_100000": (blobs, ["--distance_threshold", "0.2"]),
 }
 
 
@@ -139,7 +149,8 @@ def run_once(tree, pattern, flags, out_dir, log_path):
         manifest = json.load(f)
     return {"wall_seconds": m["wall_seconds"], "peak_rss_mb": m["peak_rss_mb"], "rounds": manifest["rounds"],
             "manifest_bytes": os.path.getsize(manifest_path), "clusters": manifest["clusters"],
-            "duplicates_folded": manifest.get("duplicates_folded")}
+            "duplicates_folded": manifest.get("duplicates_folded"),
+            "stage_seconds": manifest.get("timings", {}).get("stage_seconds")}
 
 
 def main(argv=None):
