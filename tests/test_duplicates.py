@@ -212,7 +212,6 @@ def test_tied_distances_equal_scipy_in_few_rounds(tmp_path, case):
     assert same_partition(got, ref) and len(np.unique(ref)) in (4, 6)
     assert m["duplicates_folded"] == 0
     assert m["rounds"] <= 25, m["rounds"]
-    print(case, m["rounds"])
 
 
 @pytest.mark.slow
