@@ -46,7 +46,7 @@ def tree_rss(root: int) -> int:
 
 
 def run_measured(cmd: List[str], interval: float = 0.2, env: Optional[dict] = None, log_path: Optional[str] = None,
-                 kill_above_mb: Optional[float] = None) -> Dict:
+                 kill_above_mb: Optional[float] = None, cwd: Optional[str] = None) -> Dict:
     """Runs `cmd`; returns {"wall_seconds", "peak_rss_mb", "returncode"}; raises if it fails.
 
     With `kill_above_mb`, the command's process group is killed as soon as its tree's
@@ -54,7 +54,7 @@ def run_measured(cmd: List[str], interval: float = 0.2, env: Optional[dict] = No
     """
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
     peak = [0]
     killed = []
     done = threading.Event()
