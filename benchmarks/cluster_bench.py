@@ -11,6 +11,8 @@
     ~10 points per cluster), 250K and 1M points: wall time, peak memory, rounds,
     kNN recall, on the FnApiRunner ("DirectRunner") with 2 worker processes.
 (c) crossover: exact vs ivf kNN on synthetic pools of a few sizes (where `auto` switches).
+(e) extend (issue 15): N synthetic points clustered, then extended by N/10 more
+    (`cm-cluster --extend`) against reclustering all 1.1 N: time ratio and ARI.
 (d) blas_threads: (a)'s pool at eps 0.3, 2 worker processes, alternating runs with
     cm_beam.runtime.worker_threads' BLAS threads per worker (cores // workers) and with every
     worker using all cores' threads: medians of wall time and kNN stage time.
@@ -23,6 +25,7 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part synthetic --sizes 250000,1000000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part blas_threads
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part extend --sizes 1000000
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -296,6 +299,37 @@ def run_synthetic(sizes, eps: float, workdir: str, extra):
     return out
 
 
+def run_extend(sizes, eps: float, workdir: str, extra):
+    """Issue 15: a clustering of N synthetic points extended by N/10 more (`cm-cluster --extend`)
+    against reclustering all 1.1 N: wall time of each (2 worker processes) and the ARI of the
+    extended clustering against the reclustering."""
+    from sklearn.metrics import adjusted_rand_score
+
+    rows = []
+    for n in sizes:
+        n_new = n // 10
+        x, _ = synthetic_pool(n + n_new)
+        old_pattern = write_pool(x[:n], os.path.join(workdir, f"extend_old_{n}"))
+        all_pattern = write_pool(x, os.path.join(workdir, f"extend_all_{n}"))
+        del x
+        old_dir, all_dir, ext_dir = (os.path.join(workdir, f"extend_{kind}_{n}_clusters") for kind in ("old", "all", "ext"))
+        measure(cm_cluster_cmd(old_pattern, old_dir, eps, extra))
+        wall_all, peak_all, _ = measure(cm_cluster_cmd(all_pattern, all_dir, eps, extra))
+        wall_ext, peak_ext, _ = measure([sys.executable, "-m", "pipelines.build_clusters", "--extend", old_dir,
+                                         "--embeddings", all_pattern, "--output_dir", ext_dir, "--overwrite"]
+                                        + WORKER_FLAGS + list(extra))
+        manifest = json.load(open(os.path.join(ext_dir, "manifest.json")))
+        full, ext = _read_clusters(all_dir, n + n_new), _read_clusters(ext_dir, n + n_new)
+        row = {"n_old": n, "n_new": n_new, "eps": eps, "recluster_wall_seconds": round(wall_all, 1),
+               "extend_wall_seconds": round(wall_ext, 1), "time_ratio_extend_over_recluster": round(wall_ext / wall_all, 3),
+               "recluster_peak_rss_mb": round(peak_all / 2**20, 1), "extend_peak_rss_mb": round(peak_ext / 2**20, 1),
+               "ari_extended_vs_reclustered": round(float(adjusted_rand_score(full, ext)), 4),
+               "extension": manifest["extension"], "extend_stage_seconds": manifest["timings"]["stage_seconds"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"runner": "FnApiRunner, 2 worker processes (multi_processing)", "rows": rows}
+
+
 def run_crossover(sizes, eps: float, workdir: str):
     """Exact vs ivf kNN on the same synthetic pools: where auto should switch."""
     from sklearn.metrics import adjusted_rand_score
@@ -323,7 +357,7 @@ def run_crossover(sizes, eps: float, workdir: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads"), required=True)
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "extend"), required=True)
     p.add_argument("--repeats", type=int, default=3, help="Alternating runs per variant (part blas_threads).")
     p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
     p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
@@ -338,6 +372,8 @@ def main():
         result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
     elif args.part == "blas_threads":
         result = run_blas_threads(args.n, 0.3, workdir, args.repeats)
+    elif args.part == "extend":
+        result = run_extend([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
     elif args.part == "crossover":
         result = run_crossover([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir)
     else:

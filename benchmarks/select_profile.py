@@ -38,7 +38,7 @@ from cm_beam.selection import kernels as sk  # noqa: E402
 from cm_beam.io import table_io  # noqa: E402
 from cm_beam.selection.select_batch import ROWS_PER_SELECT_BUCKET, MAX_BUCKETS  # noqa: E402
 from cm_beam.testing.synthetic_pool import make_pool, write_sharded  # noqa: E402
-from pipelines.select_batch import ROWS_PER_JOIN_BUCKET  # noqa: E402
+from cm_beam.selection.stage import ROWS_PER_JOIN_BUCKET  # noqa: E402
 
 
 def _batch_of(element):

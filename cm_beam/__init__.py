@@ -13,7 +13,17 @@ One subpackage per stage, each a PTransform here and a command in `pipelines/`:
 
 Around them: `io` (tables and manifests), `runtime` (runners, threads, malloc),
 `nightly` (the work dir, lease and report of `cm-nightly`) and `testing` (demo and
-synthetic pools). `errors.InputError` is the one error type for bad input.
+synthetic pools). `errors.InputError` is the one error type for bad input; it names
+the parameter at fault (`--name`, the command's flag of the same name).
+
+Each stage also has one frozen options type, validated when built, and a function
+that runs the stage from it as one Beam job (what the commands call):
+
+    from cm_beam import SelectOptions, run_select
+
+    manifest = run_select(SelectOptions(scores="s/*.parquet", clusters="c/*.parquet",
+                                        batch_size=100, output_dir="batch"),
+                          ["--runner=FnApiRunner"])
 
 Modules whose names end in `kernels` (and `selection.uncertainty`, `hashing`,
 `array_ops`) are pure numpy: they import no Beam and hold all of the math; the Beam
@@ -37,6 +47,11 @@ _EXPORTS = {
     "BuildClusters": "cm_beam.clustering.build_clusters",
     "CutHierarchy": "cm_beam.clustering.hierarchy",
     "SelectBatch": "cm_beam.selection.select_batch",
+    "EmbedOptions": "cm_beam.embedding.options",
+    "ClusterOptions": "cm_beam.clustering.options",
+    "SelectOptions": "cm_beam.selection.options",
+    "run_embed": "cm_beam.embedding.stage",
+    "run_select": "cm_beam.selection.stage",
     "InputError": "cm_beam.errors",
 }
 __all__ = sorted(_EXPORTS)

@@ -90,9 +90,3 @@ def hash_ids(ids, seed: int = 0, salt: int = 0) -> np.ndarray:
     the within-cluster pick order must not be the same permutation).
     """
     return derive(id_hash(ids), seed, salt)
-
-
-def hash_int64(values, seed: int = 0, salt: int = 0) -> np.ndarray:
-    """Returns a uint64 hash per int64 value (e.g. cluster ids)."""
-    v = np.asarray(values, dtype=np.int64).view(np.uint64)
-    return _splitmix64(v ^ _seed_word(seed, salt))

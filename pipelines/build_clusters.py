@@ -27,10 +27,11 @@ writes the same files and a manifest whose `cut` names the source):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -40,6 +41,8 @@ from cm_beam.clustering import hierarchy
 from cm_beam.io import table_io
 from cm_beam.clustering import build_clusters as cl
 from cm_beam.runtime import runner as cm_runner
+from cm_beam.clustering.hac_kernels import METRICS
+from cm_beam.clustering.options import KNN_MODES, ClusterOptions
 from cm_beam.errors import InputError
 
 _LOG = logging.getLogger("cm_beam.clustering.build_clusters")
@@ -49,8 +52,7 @@ BLOCK_ROWS = 32_768
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cm-cluster", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cm_runner.new_parser("cm-cluster", __doc__.split("\n\n")[0])
     p.add_argument("--embeddings", help="Glob of Parquet files with example_id and embedding (list of floats).")
     cut = p.add_argument_group("cut (exactly one of --distance_threshold, --target_mean_cluster_size, --num_clusters)")
     cut.add_argument("--distance_threshold", type=cm_runner.positive_float, default=None,
@@ -64,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "--distance_threshold, required with the other two rules. Not with --recut_from.")
     cut.add_argument("--recut_from", default=None,
                      help="Output directory of an earlier cm-cluster run: cut its hierarchy again (no --embeddings).")
-    p.add_argument("--metric", choices=("cosine", "sqeuclidean"), default="cosine",
+    p.add_argument("--metric", choices=METRICS, default="cosine",
                    help="cosine (vectors L2-normalised on input) or sqeuclidean (squared Euclidean).")
     p.add_argument("--num_neighbors", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_NEIGHBORS,
                    help="k of the kNN graph that chooses candidate pairs (edges above eps are not needed).")
-    p.add_argument("--knn_mode", choices=cl.KNN_MODES, default="auto",
+    p.add_argument("--knn_mode", choices=KNN_MODES, default="auto",
                    help="exact (blockwise brute force), ivf (k-means partitions), or auto: exact up to "
                         "--exact_max_points points.")
     p.add_argument("--exact_max_points", type=cm_runner.non_negative_int, default=cl.DEFAULT_EXACT_MAX_POINTS,
@@ -84,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_inmemory_edges", type=cm_runner.non_negative_int, default=cl.DEFAULT_MAX_INMEMORY_EDGES,
                    help="Candidate edges under which the remaining clustering finishes on one worker.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the k-means initialisations.")
+    ext = p.add_argument_group("extension (pipelines/extend_clusters.py)")
+    ext.add_argument("--extend", default=None,
+                     help="Output directory of an earlier cm-cluster run: extend its clusters by the examples of "
+                          "--embeddings (the whole current pool) it does not hold, at its eps and metric.")
+    ext.add_argument("--extend_cluster_neighbors", type=cm_runner.positive_int, default=10,
+                     help="With --extend: existing clusters (smallest exact linkage within eps) each new example "
+                          "is a candidate of.")
+    ext.add_argument("--extend_recompute_state", type=cm_runner.str2bool, nargs="?", const=True, default=False,
+                     help="With --extend: recompute every existing cluster's state from its members' current "
+                          "embeddings (e.g. after a new embedding model), not only of clusters that lost members.")
     cm_runner.add_output_flags(p)
     return p
 
@@ -122,31 +134,44 @@ def _unwrap_input_error(e: Exception) -> None:
         raise InputError(found.group(1)) from e
 
 
+def options_from_args(args: argparse.Namespace) -> ClusterOptions:
+    """ClusterOptions from parsed flags (each option is the flag of the same name); a
+    bad combination raises InputError naming the flag."""
+    return ClusterOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterOptions)})
+
+
+def parse(argv: Optional[Sequence[str]] = None) -> Tuple[ClusterOptions, List[str]]:
+    """(the options, the Beam pipeline flags) of a cm-cluster command line."""
+    parser = build_parser()
+    args, beam_args = cm_runner.split_beam_args(parser, argv)
+    return options_from_args(args), beam_args
+
+
 def run(argv: Optional[Sequence[str]] = None) -> Dict:
     """Runs cm-cluster; returns the manifest it wrote (with `distance_threshold`,
     `num_clusters`, `mean_cluster_size` of the cut at the top level)."""
-    parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
+    options, beam_args = parse(argv)
+    return run_cluster(options, beam_args)
+
+
+def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = None) -> Dict:
+    """Runs the clustering stage from `options`; returns the manifest it wrote."""
+    args = options  # the options carry the flags' names
+    beam_args = beam_options
     start = time.time()
+    if args.extend is not None:
+        from pipelines import extend_clusters
+
+        return extend_clusters.run_extend(args, beam_args, start)
     if args.recut_from is not None:
         return _recut(args, beam_args, start)
-    if args.embeddings is None:
-        raise InputError("--embeddings is required (or --recut_from to cut an earlier clustering again)")
-    transform = cl.BuildClusters(
-        distance_threshold=args.distance_threshold, metric=args.metric, num_neighbors=args.num_neighbors,
-        knn_mode=args.knn_mode, exact_max_points=args.exact_max_points, num_partitions=args.num_partitions,
-        num_probes=args.num_probes, num_shards=args.num_shards, max_rounds=args.max_rounds,
-        max_inmemory_edges=args.max_inmemory_edges, seed=args.seed,
-        target_mean_cluster_size=args.target_mean_cluster_size, num_clusters=args.num_clusters,
-        max_distance=args.max_distance)
     # Everything that can fail on bad input is checked before any work is done.
     files = table_io.inspect_inputs([args.embeddings], "--embeddings", {"example_id": "id", "embedding": "vector"})
-    transform = cl.BuildClusters(**{k: v for k, v in transform.params.items()
-                                    if k not in ()}, max_points=sum(f.num_rows for f in files))
+    transform = options.build_clusters(max_points=sum(f.num_rows for f in files))
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
-    pipeline = beam.Pipeline(options=cm_runner.pipeline_options(beam_args))
+    pipeline = beam.Pipeline(options=cm_runner.as_pipeline_options(beam_args)[0])
     batches = pipeline | "ReadEmbeddings" >> table_io.ReadTableBlocks(files, ["example_id", "embedding"], BLOCK_ROWS)
     out = batches | "BuildClusters" >> transform
     out["clusters"] | "WriteClusters" >> table_io.WriteTableBlocks(
@@ -155,6 +180,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
         artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
     out["merges"] | "WriteMerges" >> table_io.WriteTableBlocks(
         artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
+    out["state"] | "WriteState" >> table_io.WriteTableBlocks(
+        artifacts.join(args.output_dir, "state"), cl.STATE_SCHEMA)
     out["summary"] | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
     rows = sum(f.num_rows for f in files)
     _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), transform.params["max_distance"],
@@ -185,7 +212,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
                    "clusters": summary["clusters"], "singletons": singletons},
         **summary,
         "input_fingerprint": fingerprint,
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet"},
+        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet",
+                    "state": "state-*.parquet"},
         "timings": {
             "pipeline_seconds": round(pipeline_seconds, 3),
             "wall_seconds": round(time.time() - start, 3),
@@ -199,13 +227,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict:
 
 def _recut(args, beam_args, start) -> Dict:
     """cm-cluster --recut_from DIR: the hierarchy of an earlier run, cut again."""
-    source = args.recut_from
-    if args.embeddings is not None:
-        raise InputError("--embeddings: not used with --recut_from (the hierarchy is read from that directory)")
-    if args.max_distance is not None:
-        raise InputError("--max_distance: not used with --recut_from (the hierarchy covers the source's max_distance)")
-    if args.output_dir.rstrip("/") == source.rstrip("/"):
-        raise InputError("--output_dir must differ from --recut_from")
+    source = args.recut_from  # the options checked the flags that do not need the source
     src = artifacts.read_manifest(source)
     if src is None:
         raise InputError(f"--recut_from: {source} has no manifest.json (not a complete cm-cluster output)")
@@ -229,7 +251,7 @@ def _recut(args, beam_args, start) -> Dict:
     artifacts.prepare_output_dir(args.output_dir, args.overwrite)
     summary_path = artifacts.join(args.output_dir, SUMMARY_NAME)
 
-    pipeline = beam.Pipeline(options=cm_runner.pipeline_options(beam_args))
+    pipeline = beam.Pipeline(options=cm_runner.as_pipeline_options(beam_args)[0])
     leaves = pipeline | "ReadClusters" >> table_io.ReadTableBlocks(clusters_files, ["example_id", "leaf_id"], BLOCK_ROWS)
     merge_batches = pipeline | "ReadMerges" >> table_io.ReadTableBlocks(merges_files, list(cl.MERGES_SCHEMA.names),
                                                                           BLOCK_ROWS)
@@ -298,6 +320,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def _print_summary(manifest) -> None:
+    if manifest.get("extension"):
+        from pipelines import extend_clusters
+
+        return extend_clusters.print_summary(manifest)
     c = manifest["counts"]
     cut = manifest["cut"]
     if cut.get("source"):

@@ -42,6 +42,7 @@ def read_rows(out_dir):
     return sorted(zip(*[t.column(c).to_pylist() for c in ("example_id", "cluster_id", "cluster_size", "leaf_id")]))
 
 
+@pytest.mark.slow
 def test_exact_hierarchy_cuts_equal_scipy_and_the_merge_table_is_consistent(tmp_path):
     """k = n - 1: ONE clustering (with distributed rounds, then the in-memory finish), cut
     at several eps' by --recut_from and by the kernels, equals fcluster at each eps'."""
@@ -99,6 +100,7 @@ def test_exact_hierarchy_cuts_equal_scipy_and_the_merge_table_is_consistent(tmp_
         assert sum(r["size_histogram"].values()) == r["clusters"]
 
 
+@pytest.mark.slow
 def test_recut_equals_direct_runs_with_default_k(tmp_path):
     """Default k: a re-cut at eps' of a clustering at eps equals a cm-cluster run at eps',
     partition for partition and id for id; a re-cut at eps gives back the same files."""
@@ -137,6 +139,7 @@ def nearest_achievable(heights, n, rule, value):
     return best[1]
 
 
+@pytest.mark.slow
 def test_target_and_num_clusters_cuts_land_on_the_nearest_achievable(tmp_path):
     x = blobs(900, d=12, k=30, spread=0.35, seed=13)
     n = len(x)

@@ -1,5 +1,7 @@
 """cm_beam.clustering.hac_kernels against brute force and scipy's exact average-linkage HAC."""
 
+import math
+
 import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
@@ -65,14 +67,72 @@ def test_in_memory_rounds_equal_scipy_with_all_pairs(metric, targets):
         assert sum(s.merges for s in stats) == n - len(final)
 
 
-def test_nearest_and_reciprocal_pairs_tie_break_by_id():
-    src = np.array([1, 1, 2, 2, 3, 3, 4])
-    dst = np.array([2, 3, 1, 3, 1, 2, 3])
-    link = np.array([0.1, 0.1, 0.1, 0.2, 0.1, 0.2, 0.5])
-    s, nn, l = hk.nearest_candidates(src, dst, link)
-    assert s.tolist() == [1, 2, 3, 4] and nn.tolist() == [2, 1, 1, 3]
+def _nearest_by_loop(src, dst, link, round_index, tie_scale):
+    """Reference: per src, the dst of its first edge under (linkage in units of
+    tie_scale * 2^-36, rounded down; pair priority of the round; dst id)."""
+    best = {}
+    for s_, d_, l_ in zip(src.tolist(), dst.tolist(), link.tolist()):
+        prio = int(hk.pair_priority(np.array([s_]), np.array([d_]), round_index)[0])
+        key = (math.floor(l_ / (tie_scale * 2.0 ** -36)), prio, d_)
+        if s_ not in best or key < best[s_]:
+            best[s_] = key
+    return sorted(best), [best[s_][2] for s_ in sorted(best)]
+
+
+def test_tie_keys_join_only_rounding_differences():
+    link = np.array([-1e-3, 0.0, -0.0, 0.25, 0.25 + 1e-15, 0.25 + 1e-9, 2.0])
+    keys = hk.tie_keys(link)
+    assert (np.diff(keys[[0, 1, 3, 5, 6]]) > 0).all() and keys[1] == keys[2] and keys[3] == keys[4]
+    # The resolution scales with tie_scale (sqeuclidean: the squared norms' size).
+    assert hk.tie_keys(np.array([4e6]), 2.0 ** 22)[0] == hk.tie_keys(np.array([4e6 + 1e-8]), 2.0 ** 22)[0]
+    assert hk.tie_keys(np.array([4e6]))[0] != hk.tie_keys(np.array([4e6 + 1e-8]))[0]
+
+
+def test_nearest_candidates_break_ties_by_pair_priority():
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 40, 600)
+    dst = rng.integers(0, 40, 600)
+    keep = src != dst
+    src, dst = src[keep], dst[keep]
+    # Many ties: exact, and within float rounding (1e-15 apart: ties too).
+    link = rng.choice([0.1, 0.2, 0.3], len(src)) + rng.choice([0.0, 1e-15, 3e-3], len(src))
+    s, nn, l = hk.nearest_candidates(src, dst, link, 3, tie_scale=0.5)
+    want_s, want_nn = _nearest_by_loop(src, dst, link, 3, 0.5)
+    assert not np.array_equal(nn, hk.nearest_candidates(src, dst, link, 4, tie_scale=0.5)[1])  # the round salts the order
+    assert s.tolist() == want_s and nn.tolist() == want_nn
+    # The priority is a function of the unordered pair: both ends see the same order.
+    assert np.array_equal(hk.pair_priority(src, dst), hk.pair_priority(dst, src))
+    # Reciprocal pairs: an edge first for both of its ends; the winner keeps the smaller id.
     w, lo = hk.reciprocal_pairs(s, nn)
-    assert w.tolist() == [1] and lo.tolist() == [2]
+    pos = {a: b for a, b in zip(s.tolist(), nn.tolist())}
+    want = sorted((a, b) for a, b in pos.items() if a < b and pos.get(b) == a)
+    assert sorted(zip(w.tolist(), lo.tolist())) == want
+
+
+def _tied_cliques(groups, size, metric):
+    """`groups` far-apart regular simplices of `size` points: every pair inside a group at
+    the same distance, so every merge order inside a group is a tie."""
+    x = np.zeros((groups * size, size + groups))
+    for g in range(groups):
+        x[g * size:(g + 1) * size, :size] = 0.3 * np.eye(size)
+        x[g * size:(g + 1) * size, size + g] = 1.0
+    return _prepare(x, metric)
+
+
+@pytest.mark.parametrize("metric,eps", [("sqeuclidean", 0.5), ("cosine", 0.3)])
+def test_tied_cliques_merge_in_few_rounds_and_equal_scipy(metric, eps):
+    """A clique of t tied points took t - 1 rounds when ties went to the smaller id (every
+    point chose the same one); with the pair priority about half of them merge per round."""
+    x = _tied_cliques(3, 200, metric)
+    n = len(x)
+    ids = np.sort(np.random.default_rng(2).choice(2**40, n, replace=False)).astype(np.int64)
+    u, v = np.triu_indices(n, 1)
+    c = hk.Clusters(ids.copy(), np.ones(n, np.int64), x.copy(), np.einsum("ij,ij->i", x, x), ids.copy())
+    final, (losers, winners), stats, _ = hk.hac_in_memory(c, ids[u], ids[v], eps, metric)
+    ref = fcluster(linkage(x, "average", metric=metric), eps, "distance")
+    assert same_partition(hk.resolve_parents(ids, losers, winners), ref)
+    assert len(final) == 3
+    assert len(stats) <= 25, [s.merges for s in stats]  # 17 here; 199 with ties to the smaller id
 
 
 def test_relabel_canonical_and_resolve():
@@ -105,7 +165,7 @@ def test_fast_in_memory_rounds_match_the_simple_round_on_a_sparse_graph():
     c, uu, vv = make(), *hk.canonical_edges(u, v)
     simple_l, simple_w, merges = [], [], []
     while len(uu):
-        c, uu, vv, w, l, st = hk.rnn_round(c, uu, vv, 0.3, "cosine")
+        c, uu, vv, w, l, st = hk.rnn_round(c, uu, vv, 0.3, "cosine", len(merges))
         simple_l.append(l); simple_w.append(w); merges.append(st.merges)
     assert np.array_equal(np.concatenate(simple_l), losers) and np.array_equal(np.concatenate(simple_w), winners)
     assert sum(s.merges for s in stats) == sum(merges) == n - len(final)

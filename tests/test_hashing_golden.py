@@ -34,7 +34,6 @@ GOLDEN_SEEDED = {
 GOLDEN_SINGLETON_CLUSTER_IDS = [4596146014258002717, 3868834136524815688, 3210694213850460327,
                                 2568637663500595394, 7029511481644268341]
 
-GOLDEN_INT64 = [0x8CA410C31A2A0AE0, 0x90FC5824E769F15A, 0x355DF0CFAFB5D0C5, 0xF9A171411BDB8E05]  # seed 3, salt 5
 
 M64 = (1 << 64) - 1
 
@@ -82,13 +81,6 @@ def test_singleton_cluster_ids_golden():
     hashes = hashing.hash_ids(IDS, seed=0, salt=cl._SALT_ID)
     assert hk.public_labels(hashes).tolist() == GOLDEN_SINGLETON_CLUSTER_IDS
     assert all(0 <= c < 2**63 for c in GOLDEN_SINGLETON_CLUSTER_IDS)
-
-
-def test_hash_int64_golden():
-    got = [int(x) for x in hashing.hash_int64(np.array([0, 1, -1, 2**62], np.int64), seed=3, salt=5)]
-    assert got == GOLDEN_INT64
-    word = _splitmix64((3 * 0x2545F4914F6CDD1D + 5) & M64)
-    assert got == [_splitmix64((v & M64) ^ word) for v in (0, 1, -1, 2**62)]
 
 
 def test_chunked_and_long_ids_hash_like_short_lists():

@@ -3,8 +3,8 @@
 * the --demo command: pool, model, three stages, report, progress lines;
 * the following nights: cached embeddings/clusters, earlier batches excluded until
   an --exclude entry names them, a complete batch is not recomputed;
-* a new model re-embeds but keeps the clusters; a grown pool's new examples are
-  singletons, and counted;
+* a new model re-embeds but keeps the clusters; a grown pool's clusters are extended
+  by its new examples (cm-cluster --extend, sums recomputed under the new model);
 * reliability: a failure injected inside the cluster job, then inside the select
   job, leaves no batch marked complete; the rerun gives the batch of an undisturbed
   run;
@@ -127,7 +127,7 @@ def test_later_nights_reuse_caches_and_exclude_pending_batches(first_night, caps
 @pytest.mark.slow
 def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(first_night, tmp_path, monkeypatch, capsys):
     from cm_beam.clustering import build_clusters as cluster_module
-    from pipelines import select_batch
+    from cm_beam.selection import stage as select_stage
 
     work = tmp_path / "work"
     shutil.copytree(first_night["pristine"], work / "demo")  # the same inputs, nothing computed
@@ -158,7 +158,7 @@ def test_failures_leave_no_complete_batch_and_the_rerun_gives_the_same_batch(fir
     assert len(os.listdir(work / "embeddings")) == 1  # the embed stage had finished
 
     # 2. The rerun dies inside the select job, after the clusters were built.
-    monkeypatch.setattr(select_batch._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
+    monkeypatch.setattr(select_stage._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
         RuntimeError("injected failure in cm-select")))
     with pytest.raises(Exception, match="injected failure in cm-select"):
         nightly.run(argv)
@@ -206,11 +206,9 @@ def test_main_prints_a_summary_per_stage_and_errors_name_the_flag(first_night, c
 
 
 def test_work_dir_helpers():
-    assert nw.flags_to_argv({"a": 1, "b": True, "c": False, "d": None, "e": ["x", "y"]}) == \
-        ["--a", "1", "--b", "--e", "x", "--e", "y"]
     assert nw.stage_beam_args(["--job_name", "n", "--x=1"], "embed") == ["--job_name=n-embed", "--x=1"]
     assert nw.stage_beam_args(["--job_name=n"], "select") == ["--job_name=n-select"]
-    assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.dask_runner.DaskRunner"]
+    assert nw.stage_beam_args(["--runner", "DaskRunner"], "cluster") == ["--runner=cm_beam.runtime.dask_runner.DaskRunner"]
     assert nw.stage_beam_args(["--runner=FlinkRunner"], "cluster") == ["--runner=FlinkRunner"]
     assert nw.pool_key("gs://b/pool/*.csv", None) == nw.pool_key("gs://b/pool/*.csv/", None) != nw.pool_key("gs://b/p2/*", None)
 
@@ -257,6 +255,7 @@ def _cli(argv, cwd=None):
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path):
     """The issue's case: two runs, one work dir, one batch name, batch sizes 200 and 150."""
     import socket
@@ -285,6 +284,7 @@ def test_a_second_run_on_the_work_dir_refuses_at_once_naming_the_holder(tmp_path
     assert not (work / lease.LEASE_NAME).exists()  # a failed run releases its lease
 
 
+@pytest.mark.slow
 def test_a_crashed_runs_lease_is_taken_over_after_the_timeout_or_with_the_flag(tmp_path):
     from cm_beam.nightly import lease
 
@@ -341,6 +341,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lease-taken-over"])
 def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
     from cm_beam.nightly import lease
@@ -359,6 +360,7 @@ def test_of_runs_started_together_exactly_one_gets_the_lease(tmp_path, stale):
     assert not (root / lease.LEASE_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_repairs_it(first_night, monkeypatch):
     """The issue's case: --replace_batch with another batch size, killed while plotting."""
     from cm_beam.nightly import report
@@ -411,6 +413,7 @@ def test_a_run_killed_in_the_report_step_leaves_no_stale_summary_and_the_rerun_r
     assert artifacts.read_json(os.path.join(batch_dir, nw.NIGHTLY_SUMMARY))["batch_manifest_sha256"] == sha
 
 
+@pytest.mark.slow
 def test_work_dir_runs_from_anywhere_and_a_copy_uses_its_own_pool_and_model(first_night, tmp_path, monkeypatch):
     """Run the demo in A (relative --work_dir), move A to B and run from elsewhere as a real
     process, then copy B to C, delete B's inputs, and run C."""
@@ -466,7 +469,7 @@ def test_verbose_shows_third_party_logs_and_the_default_hides_them():
 
 
 @pytest.mark.slow
-def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night, tmp_path):
+def test_new_model_reembeds_and_grown_pool_extends_the_clusters(first_night, tmp_path):
     """Last in this file: it grows the first night's pool in place (the same --pool, as a real pool grows)."""
     import keras
 
@@ -490,20 +493,31 @@ def test_new_model_reembeds_and_grown_pool_is_counted_as_singletons(first_night,
     summary = nightly.run(argv + ["--batch_name", "grown", "--keep_embeddings", "1"])
     stages = summary["stages"]
     assert stages["embed"]["status"] == "ran" and stages["embed"]["output"] != first_night["summary"]["embeddings"]
-    assert stages["cluster"]["status"] == "cached" and summary["clusters"] == first_night["summary"]["clusters"]
+    # 30 new of 270 (11%) is under --recluster_fraction 0.25: the clusters are extended.
+    assert stages["cluster"]["status"] == "extended", stages["cluster"]
+    assert stages["cluster"]["extended_from"] == first_night["summary"]["clusters"]
+    assert "grew by 30 examples" in stages["cluster"]["decision"] and "recomputed" in stages["cluster"]["decision"]
+    assert stages["cluster"]["extension"]["new_examples"] == 30 and stages["cluster"]["extension"]["removed"] == 0
+    assert stages["cluster"]["counts"]["points"] == POOL_SIZE + 30
     # Only today's embeddings are kept (--keep_embeddings 1); clusters and batches stay.
     assert summary["pruned_embeddings"] == [first_night["summary"]["embeddings"]]
     assert os.listdir(work / "embeddings") == [os.path.basename(stages["embed"]["output"])]
     c = summary["counts"]
     assert c["pool"] == POOL_SIZE + 30
-    # Eligible examples missing from the cached clusters: exactly the new ones (none is excluded).
-    assert c["unclustered_eligible"] == 30
-    table = table_io.read_table(nw.selection_glob(summary["batch_dir"]))
-    new_in_batch = [i for i, cid in zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist())
-                    if i.startswith("new-")]
-    assert all(cid < 0 for i, cid in zip(table.column("example_id").to_pylist(), table.column("cluster_id").to_pylist())
-               if i.startswith("new-"))  # singletons (synthetic negative ids)
-    assert c["selected_unclustered"] == len(new_in_batch)
+    # Every example has a cluster now. The new ones are copies of clustered images (same
+    # pixels under new ids): most join their original's cluster; a copy whose original's
+    # cluster is, under the new model's embeddings, farther than eps from it on average
+    # does not (the extension never splits a cluster).
+    assert c["unclustered_eligible"] == 0 and c["selected_unclustered"] == 0
+    clusters = table_io.read_table(os.path.join(summary["clusters"], "clusters-*.parquet"))
+    of = dict(zip(clusters.column("example_id").to_pylist(), clusters.column("cluster_id").to_pylist()))
+    originals = [row.split(",")[0] for row in rows[1:31]]
+    with_original = sum(of[new] == of[orig] for new, orig in zip(added, originals))
+    assert with_original >= 20 and stages["cluster"]["extension"]["joined_existing"] >= with_original
+
+    # A second night on the same pool and model: nothing grew, the extended clustering is reused.
+    again = nightly.run(argv + ["--batch_name", "grown-again", "--keep_embeddings", "1"])
+    assert again["stages"]["cluster"]["status"] == "cached" and again["clusters"] == summary["clusters"]
 
 
 def test_report_numbers_equal_a_direct_count(tmp_path):

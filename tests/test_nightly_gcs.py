@@ -27,6 +27,9 @@ from cm_beam.nightly import lease as lease_mod
 from cm_beam.nightly import work_dir as nw
 from pipelines import nightly
 
+# Real cm-nightly runs against a GCS emulator: whole pipelines with TensorFlow.
+pytestmark = pytest.mark.slow
+
 BUCKET = "cm-test"
 POOL_SIZE = 150
 BATCH = 12
@@ -126,11 +129,11 @@ def test_everything_on_gcs_gives_the_local_batch(gcs, inputs, tmp_path):
 
 
 def test_a_run_killed_inside_the_select_job_leaves_no_complete_batch_on_gcs(gcs, inputs, monkeypatch):
-    from pipelines import select_batch
+    from cm_beam.selection import stage as select_stage
 
     remote = inputs["remote"]
     argv = _argv(remote["pool"], remote["model"], remote["labeled"], f"{gcs}/work-killed", "day1")
-    monkeypatch.setattr(select_batch._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
+    monkeypatch.setattr(select_stage._WriteStatsFn, "process", lambda self, stats: (_ for _ in ()).throw(
         RuntimeError("injected failure in cm-select")))
     with pytest.raises(Exception, match="injected failure in cm-select"):
         nightly.run(argv)

@@ -185,6 +185,7 @@ def _on_disk(path: str) -> Dict:
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_cm_cluster_manifest_fields(cluster_and_select_manifests):
     returned, path = cluster_and_select_manifests["cluster"]
     check_fields("cm-cluster manifest.json", _on_disk(path), path)

@@ -160,7 +160,7 @@ def tagged_outputs_and_two_sinks(port, tmp_path):
 
     out = str(tmp_path / "dask-check")
     p = beam.Pipeline(options=cm_runner.pipeline_options(
-        ["--runner=cm_beam.dask_runner.DaskRunner", f"--dask_client_address=127.0.0.1:{port}"]))
+        ["--runner=cm_beam.runtime.dask_runner.DaskRunner", f"--dask_client_address=127.0.0.1:{port}"]))
     numbers = p | beam.Create(list(range(60)))
     total = numbers | beam.CombineGlobally(sum)
     parts = numbers | beam.ParDo(Split()).with_outputs("three", main="rest")

@@ -135,6 +135,7 @@ def test_batch_diagnostics_match_numpy(pool, tmp_path, batch_size, k_m, seed, st
         assert expected["clusters_with_multiple_picks"] > 0
 
 
+@pytest.mark.slow
 def test_batch_diagnostics_with_two_workers(pool, tmp_path):
     manifest, _ = run_select(pool, tmp_path / "out", 300, workers=2, extra=["--margin_pool_size", "1200"])
     expected = reference_diagnostics(pool, 300, 1200)

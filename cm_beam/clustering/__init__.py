@@ -1,6 +1,8 @@
 """Clustering stage (`cm-cluster`): embeddings -> average-linkage HAC clusters.
 
 * `build_clusters`: the `BuildClusters` PTransform (validate, kNN graph, HAC rounds, cut).
+* `options`: `ClusterOptions`, every parameter of cm-cluster, validated (the stage runs
+  from them with `pipelines.build_clusters.run_cluster`).
 * `knn_graph` / `knn_kernels`: the sharded nearest-neighbour candidate graph.
 * `hac` / `hac_kernels`: reciprocal-nearest-neighbour merge rounds with exact linkage
   from cluster sums.
@@ -11,7 +13,7 @@ Modules named `*_kernels` are pure numpy and import no Beam.
 
 import importlib as _importlib
 
-_EXPORTS = {'BuildClusters': 'build_clusters', 'CutHierarchy': 'hierarchy', 'KnnGraph': 'knn_graph', 'HacRounds': 'hac'}
+_EXPORTS = {'ClusterOptions': 'options', 'BuildClusters': 'build_clusters', 'CutHierarchy': 'hierarchy', 'KnnGraph': 'knn_graph', 'HacRounds': 'hac'}
 __all__ = sorted(_EXPORTS)
 
 

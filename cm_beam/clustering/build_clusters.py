@@ -10,6 +10,7 @@ HAC at scale") as one Beam PTransform, in the style of TFDV's stats_api:
         | BuildClusters(distance_threshold=0.2, metric="cosine"))
     clusters["clusters"]   # pa.RecordBatch: example_id, cluster_id (int64 >= 0), cluster_size, leaf_id
     clusters["merges"]     # pa.RecordBatch: every merge (hierarchy.MERGES_SCHEMA)
+    clusters["state"]      # pa.RecordBatch: each cluster's linkage state at max_distance (state.STATE_SCHEMA)
     clusters["rejected"]   # pa.RecordBatch: example_id, reason (NaN/inf, zero vector, ...)
     clusters["summary"]    # one dict: n, clusters, size histogram, rounds, recall, fingerprint
 
@@ -44,12 +45,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cm_beam.clustering import duplicates_kernels as dk
 from cm_beam.clustering import hac_kernels as hk
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.errors import InputError
 from cm_beam.clustering.hac import HacRounds
 from cm_beam.clustering.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
+from cm_beam.clustering.state import STATE_SCHEMA, state_batch  # noqa: F401
 from cm_beam.hashing import _splitmix64, hash_ids
 from cm_beam.clustering.knn_graph import KnnGraph, _Timer
 
@@ -175,6 +178,17 @@ def _prepare_vectors(vecs: np.ndarray, metric: str, mean: Optional[np.ndarray]) 
     return kk.prepared_vectors({"vecs": vecs, "normalise": metric == "cosine", "center": mean})
 
 
+def _tie_scale(metric: str, mean: Optional[np.ndarray], max_sq_norm: float) -> float:
+    """The size of the terms linkages are computed from (hac_kernels.tie_keys): 1 for
+    cosine (unit vectors); for sqeuclidean a bound of the largest squared norm of the
+    centred vectors, (max |v| + |mean|)^2. Rounded up to a power of two, so float noise
+    in the mean does not change it."""
+    if metric != "sqeuclidean":
+        return 1.0
+    bound = (np.sqrt(max_sq_norm) + float(np.sqrt(np.dot(mean, mean)))) ** 2
+    return float(2.0 ** np.ceil(np.log2(max(bound, 1e-300))))
+
+
 # --- PoolStats: one global combine ----------------------------------------------
 
 class _PoolStats(beam.CombineFn):
@@ -184,15 +198,18 @@ class _PoolStats(beam.CombineFn):
         self._metric, self._sample_size = metric, sample_size
 
     def create_accumulator(self):
-        return {"n": 0, "rows": 0, "dims": {}, "fp": 0, "sum": None, "hashes": np.zeros(0, np.uint64), "vecs": None}
+        return {"n": 0, "rows": 0, "dims": {}, "fp": 0, "sum": None, "maxsq": 0.0, "hashes": np.zeros(0, np.uint64),
+                "vecs": None}
 
     def add_input(self, acc, block):
         part = {"n": len(block["hashes"]), "rows": block["rows"], "fp": block["fingerprint"], "dims": {},
-                "sum": None, "hashes": block["hashes"], "vecs": None}
+                "sum": None, "maxsq": 0.0, "hashes": block["hashes"], "vecs": None}
         if len(block["hashes"]):
             part["dims"] = {block["d"]: block["first_id"]}
             if self._metric == "sqeuclidean":
-                part["sum"] = block["vecs"].astype(np.float64).sum(axis=0)
+                v = block["vecs"].astype(np.float64)
+                part["sum"] = v.sum(axis=0)
+                part["maxsq"] = float(np.einsum("ij,ij->i", v, v).max())
             part["vecs"] = block["vecs"]  # raw: Plan prepares them once the mean is known
             part = self._trim(part)
         return self.merge_accumulators([acc, part])
@@ -214,6 +231,7 @@ class _PoolStats(beam.CombineFn):
                 out["dims"].setdefault(d, first)
             if a["sum"] is not None:
                 out["sum"] = a["sum"] if out["sum"] is None else out["sum"] + a["sum"]
+            out["maxsq"] = max(out["maxsq"], a["maxsq"])
             if a["vecs"] is not None and len(a["hashes"]):
                 if vecs and vecs[0].shape[1] != a["vecs"].shape[1]:
                     continue  # mixed dimensions: reported by Plan, naming example ids
@@ -240,13 +258,14 @@ def _plan(stats, metric, knn_mode, exact_max_points, num_shards, num_partitions,
             f"{id2!r} has {d2}; all embeddings must have the same length"
         )
     plan = {"n": n, "rows": stats["rows"], "fingerprint": f"{stats['fp']:016x}", "mode": None, "dim": None,
-            "mean": None, "shard_centroids": None, "ivf_centroids": None, "num_partitions": 0,
+            "mean": None, "tie_scale": 1.0, "shard_centroids": None, "ivf_centroids": None, "num_partitions": 0,
             "sample": {"ids": np.zeros(0, np.int64), "vecs": np.zeros((0, 1), np.float32)}}
     if n == 0:
         return plan
     plan["dim"] = int(next(iter(stats["dims"])))
     mean = stats["sum"] / n if metric == "sqeuclidean" else None
     plan["mean"] = mean
+    plan["tie_scale"] = _tie_scale(metric, mean, stats["maxsq"])
     sample = _prepare_vectors(stats["vecs"], metric, mean).astype(np.float32)
     plan["shard_centroids"] = kk.kmeans(sample, num_shards, KMEANS_ITERATIONS, seed)
     mode = knn_mode if knn_mode != "auto" else ("exact" if n <= exact_max_points else "ivf")
@@ -271,7 +290,8 @@ def _shard_points(block, plan, metric):
         return
     with _Timer("shard_points"):
         vecs = _prepare_vectors(block["vecs"], metric, plan["mean"])
-        shards = kk.nearest_centroids(vecs.astype(np.float32), plan["shard_centroids"], 1)[:, 0]
+        # Per row, so identical vectors share a shard (MergePoints folds them there).
+        shards = dk.nearest_centroid_per_row(vecs.astype(np.float32), plan["shard_centroids"])
         ids = hk.make_ids(shards, block["hashes"])
         labels = hk.public_labels(block["hashes"])
         for s in unique_sorted(shards):
@@ -288,6 +308,12 @@ def _shard_points(block, plan, metric):
 
 
 def _merge_points(kv, plan, metric):
+    """A shard's point pieces -> one block, exact duplicates folded (main), plus their
+    height-0 merges ("merges") and how many rows were folded ("folded").
+
+    Identical prepared vectors go to the same spatial shard (the shard is a function
+    of the vector), so folding inside the shard finds them without another shuffle.
+    """
     shard, parts = kv
     blocks = [p for _, p in parts]
     ids = np.concatenate([b["ids"] for b in blocks])
@@ -302,13 +328,22 @@ def _merge_points(kv, plan, metric):
         if a == b:
             raise InputError(f"--embeddings: duplicate example_id {a!r}: every example_id must appear once")
         raise RuntimeError(f"53-bit id hash collision between example_ids {a!r} and {b!r} in shard {shard}")
-    return shard, {
-        "ids": ids,
-        "labels": np.concatenate([b["labels"] for b in blocks])[order],
-        "vecs": np.concatenate([b["vecs"] for b in blocks])[order],
-        "normalise": metric == "cosine",
-        "center": plan["mean"],
-    }
+    labels = np.concatenate([b["labels"] for b in blocks])[order]
+    vecs = np.concatenate([b["vecs"] for b in blocks])[order]
+    block = {"ids": ids, "labels": labels, "vecs": vecs, "normalise": metric == "cosine", "center": plan["mean"]}
+    with _Timer("fold_duplicates"):
+        rep = dk.duplicate_groups(dk.row_bits(kk.prepared_vectors(block, np.float32)), ids)
+        reps, counts = dk.fold_counts(rep)
+        folded = np.flatnonzero(rep != np.arange(len(ids)))
+        if len(folded):
+            yield beam.pvalue.TaggedOutput("merges", dk.fold_merges(labels, rep))
+            group_labels = labels.copy()  # a group is named by its smallest leaf id
+            np.minimum.at(group_labels, rep, labels)
+            block = dict(block, ids=ids[reps], labels=group_labels[reps], vecs=vecs[reps])
+    yield beam.pvalue.TaggedOutput("folded", len(folded))
+    # counts: the points each row stands for; folded: (representative id, point id) of
+    # the other members, which the clustering carries as members of the representative.
+    yield shard, dict(block, counts=counts, folded=(ids[rep[folded]], ids[folded]))
 
 
 def _check_unique(kv):
@@ -354,7 +389,7 @@ def _join_names(kv):
              pa.array(leaves, pa.int64())], schema=CLUSTERS_SCHEMA)
 
 
-def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, params):
+def _summary(_, plan, stats, sizes, recall, checked, folded, rejected_counts, cuts, params):
     sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     n = int(plan["n"])
     if cuts:  # cut below max_distance: the counts are the cut's
@@ -405,9 +440,11 @@ def _summary(_, plan, stats, sizes, recall, checked, rejected_counts, cuts, para
         "beam_rounds": beam_rounds,
         "inmemory_rounds": mem_rounds,
         "knn_recall": recall_value,
+        "duplicates_folded": int(sum(folded)),
         "ids_checked_unique": int(sum(checked)),
         "input_fingerprint": plan["fingerprint"],
         "input_fingerprint_method": FINGERPRINT_METHOD,
+        "state_center": None if plan["mean"] is None else [float(v) for v in plan["mean"]],
     }
 
 
@@ -471,6 +508,7 @@ class BuildClusters(beam.PTransform):
     Output: dict of PCollections
       "clusters": pa.RecordBatch (example_id, cluster_id int64 >= 0, cluster_size int64, leaf_id int64),
       "merges":   pa.RecordBatch (hierarchy.MERGES_SCHEMA), every merge up to max_distance,
+      "state":    pa.RecordBatch (state.STATE_SCHEMA), count/sum/sq of each cluster at max_distance,
       "rejected": pa.RecordBatch (example_id, reason),
       "summary":  one dict (see docs/reference.md, "cm-cluster manifest.json": n,
                   clusters, size_histogram, rounds, per-round merges/active clusters,
@@ -540,7 +578,10 @@ class BuildClusters(beam.PTransform):
         plan_si = beam.pvalue.AsSingleton(plan)
         pieces = valid.points | "ShardPoints" >> beam.FlatMap(_shard_points, plan_si, metric).with_outputs(
             "names", "dupcheck", main="points")
-        points = pieces.points | "GroupPoints" >> beam.GroupByKey() | "MergePoints" >> beam.Map(_merge_points, plan_si, metric)
+        merged = (pieces.points | "GroupPoints" >> beam.GroupByKey()
+                  | "MergePoints" >> beam.FlatMap(_merge_points, plan_si, metric).with_outputs(
+                      "merges", "folded", main="points"))
+        points = merged.points
         checked = (pieces.dupcheck | "GroupIdHashes" >> beam.GroupByKey()
                    | "CheckUniqueIds" >> beam.Map(_check_unique))
 
@@ -562,7 +603,8 @@ class BuildClusters(beam.PTransform):
         recall = recall[0] if recall else batches.pipeline | "NoRecall" >> beam.Create([])
 
         hac = {"points": points, "edges": edges} | "Hac" >> HacRounds(
-            eps, metric, self._unrolled_rounds, p["max_inmemory_edges"])
+            eps, metric, self._unrolled_rounds, p["max_inmemory_edges"],
+            beam.pvalue.AsSingleton(plan | "TieScale" >> beam.Map(lambda pl: pl["tie_scale"])))
 
         clusters = (
             (hac["assignments"] | "TagAssigned" >> beam.Map(lambda kv: (kv[0], ("assigned", kv[1]))),
@@ -571,7 +613,7 @@ class BuildClusters(beam.PTransform):
             | "GroupOutput" >> beam.GroupByKey()
             | "JoinExampleIds" >> beam.FlatMap(_join_names)
         )
-        merges = hac["merges"]
+        merges = (hac["merges"], merged.merges) | "FlattenMerges" >> beam.Flatten()
         rule, value = self._cut
         cuts = []
         if rule != "distance" or value < eps:
@@ -593,9 +635,12 @@ class BuildClusters(beam.PTransform):
                 beam.pvalue.AsList(hac["sizes"]),
                 beam.pvalue.AsList(recall),
                 beam.pvalue.AsList(checked),
+                beam.pvalue.AsList(merged.folded),
                 beam.pvalue.AsDict(rejected_counts),
                 cut_list,
                 self.params)
         )
         return {"clusters": clusters, "rejected": valid.rejected, "summary": summary,
-                "merges": merges | "MergesToBatches" >> beam.Map(merges_to_batch)}
+                "merges": merges | "MergesToBatches" >> beam.Map(merges_to_batch),
+                "state": hac["final_state"] | "StateToBatches" >> beam.Map(
+                    lambda c: state_batch(c.labels, c.counts, c.sums, c.sq))}

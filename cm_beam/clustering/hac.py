@@ -13,8 +13,9 @@ A round is four keyed stages (one GroupByKey each):
 1. Nearest: every shard sends each neighbouring shard the state of its clusters
    adjacent to it ("ghosts"), so each shard computes the exact float64 linkage of
    all its edges (in a canonical orientation, so both ends get bit-identical values),
-   drops edges above eps, finds each cluster's nearest candidate (ties: smaller id),
-   and retires clusters with no candidate left (their members are final);
+   drops edges above eps, finds each cluster's nearest candidate (ties within
+   `hac_kernels.tie_keys` broken by `hac_kernels.pair_priority`), and retires clusters
+   with no candidate left (their members are final);
 2. Match: each cluster tells its nearest's shard "I chose you"; reciprocal pairs merge
    into the smaller id; losers send their state to the winner's shard and a rename
    notice to the shards of their neighbours;
@@ -73,6 +74,7 @@ def _emit_done(clusters: Clusters, members):
         m = shards == s
         yield beam.pvalue.TaggedOutput("done", (int(s), {"points": points[m], "labels": labels[m], "sizes": sizes[m]}))
     yield beam.pvalue.TaggedOutput("sizes", clusters.counts)
+    yield beam.pvalue.TaggedOutput("final_state", clusters)
 
 
 def _take_members(members, owner_ids):
@@ -107,26 +109,36 @@ def _directed_bound(kv) -> int:
 
 def _initial_state(kv, metric, directed_bound, max_inmemory_edges, force_finish):
     shard, items = kv
-    blocks, srcs, dsts = [], [], []
+    blocks, nodes, srcs, dsts = [], [], [], []
     for tag, value in items:
         if tag == "points":
-            blocks.append(value)
+            (nodes if "nodes" in value else blocks).append(value)
         else:
             srcs.append(value[0]); dsts.append(value[1])
-    if not blocks:
+    if not blocks and not nodes:
         if srcs:  # never legitimate: every edge starts at a point of this shard
             raise AssertionError(f"shard {shard}: {sum(len(x) for x in srcs)} edges arrived without the shard's points")
         return []
-    ids = np.concatenate([b["ids"] for b in blocks])
-    labels = np.concatenate([b["labels"] for b in blocks])
-    vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
-    sq = np.einsum("ij,ij->i", vecs, vecs) if metric == "sqeuclidean" else np.zeros(len(ids))
-    clusters = Clusters(ids, np.ones(len(ids), np.int64), vecs, sq, labels).sorted()
+    # Weighted starting nodes (cm-cluster --extend: existing clusters), then the points. A
+    # point may stand for several identical ones (build_clusters folds exact duplicates):
+    # count c, sum c * v, squared norms c * |v|^2 (exact linkage state).
+    parts = [b["nodes"] for b in nodes]
+    folded = [b["folded"] for b in blocks if "folded" in b]
+    if blocks:
+        ids = np.concatenate([b["ids"] for b in blocks])
+        labels = np.concatenate([b["labels"] for b in blocks])
+        vecs = np.concatenate([kk.prepared_vectors(b, np.float64) for b in blocks])
+        counts = np.concatenate([b.get("counts", np.ones(len(b["ids"]), np.int64)) for b in blocks])
+        sq = np.einsum("ij,ij->i", vecs, vecs) * counts if metric == "sqeuclidean" else np.zeros(len(ids))
+        parts.append(Clusters(ids, counts, vecs * counts[:, None], sq, labels))
+    clusters = Clusters.concat(parts, parts[0].sums.shape[1])
+    owner = np.concatenate([clusters.ids] + [f[0] for f in folded])
+    points = np.concatenate([clusters.ids] + [f[1] for f in folded])
     src = np.concatenate(srcs) if srcs else _EMPTY
     dst = np.concatenate(dsts) if dsts else _EMPTY
     if not force_finish:  # the finish deduplicates every edge itself (dense_canonical_edges)
         src, dst = _directed_unique(src, dst)
-    return _route(shard, _state(clusters, (clusters.ids.copy(), clusters.ids.copy()), src, dst),
+    return _route(shard, _state(clusters, (owner, points), src, dst),
                   directed_bound, max_inmemory_edges, force_finish, 0)
 
 
@@ -175,7 +187,7 @@ def _send_ghosts(kv):
         yield int(q), ("ghost", c.take(pos))
 
 
-def _nearest(kv, eps, metric, round_index):
+def _nearest(kv, eps, metric, round_index, tie_scale):
     shard, items = kv
     st, ghosts = None, []
     for tag, value in items:
@@ -203,7 +215,7 @@ def _nearest(kv, eps, metric, round_index):
         keep = link <= eps
         yield beam.pvalue.TaggedOutput("stats", ((round_index, "edges"), len(src)))
         src, dst, link = src[keep], dst[keep], link[keep]
-        has, nn, nn_link = hk.nearest_candidates(src, dst, link)
+        has, nn, nn_link = hk.nearest_candidates(src, dst, link, round_index, tie_scale)
         active = np.isin(c.ids, has)
         retired = c.take(~active)
         members_retired, members = _take_members(st["members"], retired.ids)
@@ -357,7 +369,7 @@ def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
 
 # --- In-memory finish --------------------------------------------------------------
 
-def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
+def _finish(kv, eps, metric, max_inmemory_edges, max_rounds, tie_scale):
     _, states = kv
     states = list(states)
     if not states:
@@ -369,9 +381,13 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
         points = np.concatenate([s["members"][1] for s in states])
         u = np.concatenate([s["src"] for s in states])
         v = np.concatenate([s["dst"] for s in states])
+        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
+        if any(s["next_round"] != first_round for s in states):
+            raise AssertionError("shards reached the in-memory finish after different rounds")
         try:
             final, (losers, winners), stats, _, log = hk.hac_in_memory(
-                clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True)
+                clusters, u, v, eps, metric, max_edges=max_inmemory_edges, return_merges=True,
+                first_round=first_round, tie_scale=tie_scale)
         except hk.TooManyEdges as e:
             raise RuntimeError(
                 f"cm-cluster: {e.edges} candidate edges are left after --max_rounds={max_rounds} rounds, "
@@ -382,9 +398,6 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "edges"), s.edges))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "active"), s.active))
             yield beam.pvalue.TaggedOutput("stats", (("inmemory", i, "merges"), s.merges))
-        first_round = states[0]["next_round"]  # every shard routes to the finish in the same stage
-        if any(s["next_round"] != first_round for s in states):
-            raise AssertionError("shards reached the in-memory finish after different rounds")
         if len(log["size"]):
             yield beam.pvalue.TaggedOutput("merges", hik.Merges.from_pairs(
                 log["label_w"], log["label_l"], log["height"], log["size"], first_round + log["round"]))
@@ -396,19 +409,26 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds):
 class HacRounds(beam.PTransform):
     """Average-linkage HAC cut at eps over sharded points and candidate edges.
 
-    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"}),
+    Input: a dict {"points": (shard, {"ids", "labels", "vecs", "normalise", "center"[, "counts",
+                   "folded"]}) (counts: points a row stands for; folded: (row id, point id)
+                   of the points it stands for besides itself), or
+                   (shard, {"nodes": hac_kernels.Clusters}) weighted starting nodes
+                   (their members are the nodes themselves),
                    "edges":  (shard, {"src", "dst", ...})} of PCollections.
     Output: {"assignments": (shard, {"points", "labels", "sizes"}) for every point,
              "sizes": int64 arrays of final cluster sizes,
              "merges": hierarchy_kernels.Merges blocks, every merge made (see that module),
+             "final_state": hac_kernels.Clusters blocks, the state of every final cluster,
              "stats": ((round, name), value) summed per key}.
+    `tie_scale` (a float or a singleton side input): linkages closer than
+    tie_scale * hac_kernels.TIE_RESOLUTION are ties (`hac_kernels.tie_keys`).
 
     Example:
         hac = {"points": shard_blocks, "edges": graph["edges"]} | HacRounds(
             eps=0.2, metric="cosine", max_rounds=16, max_inmemory_edges=2_000_000)
     """
 
-    def __init__(self, eps: float, metric: str, max_rounds: int, max_inmemory_edges: int):
+    def __init__(self, eps: float, metric: str, max_rounds: int, max_inmemory_edges: int, tie_scale=1.0):
         super().__init__()
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps}")
@@ -418,6 +438,7 @@ class HacRounds(beam.PTransform):
             raise ValueError("max_rounds and max_inmemory_edges must be >= 0")
         self._eps, self._metric = float(eps), metric
         self._max_rounds, self._max_inmemory = int(max_rounds), int(max_inmemory_edges)
+        self._tie_scale = tie_scale
 
     def expand(self, inputs):
         eps, metric = self._eps, self._metric
@@ -445,16 +466,18 @@ class HacRounds(beam.PTransform):
                 _initial_state, metric, beam.pvalue.AsSingleton(knn_directed), self._max_inmemory,
                 self._max_rounds == 0).with_outputs("finish", main="round")
         )
-        done, sizes, stats, finish, merges = [], [], [], [routed.finish], []
+        done, sizes, stats, finish, merges, final_state = [], [], [], [routed.finish], [], []
         state = routed.round
         for r in range(self._max_rounds):
             nearest = (
                 state
                 | f"R{r}Ghosts" >> beam.FlatMap(_send_ghosts)
                 | f"R{r}GroupGhosts" >> beam.GroupByKey()
-                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r).with_outputs("done", "sizes", "stats", main="state")
+                | f"R{r}Nearest" >> beam.FlatMap(_nearest, eps, metric, r, self._tie_scale).with_outputs(
+                    "done", "sizes", "stats", "final_state", main="state")
             )
             done.append(nearest.done); sizes.append(nearest.sizes); stats.append(nearest.stats)
+            final_state.append(nearest.final_state)
             matched = (
                 nearest.state
                 | f"R{r}GroupChoices" >> beam.GroupByKey()
@@ -483,14 +506,16 @@ class HacRounds(beam.PTransform):
             | "OneKey" >> beam.Map(lambda st: (0, st))
             | "GroupFinish" >> beam.GroupByKey()
             | "FinishInMemory" >> beam.FlatMap(
-                _finish, eps, metric, self._max_inmemory, self._max_rounds
-            ).with_outputs("done", "sizes", "stats", "merges")
+                _finish, eps, metric, self._max_inmemory, self._max_rounds, self._tie_scale
+            ).with_outputs("done", "sizes", "stats", "merges", "final_state")
         )
         done.append(finished.done); sizes.append(finished.sizes); stats.append(finished.stats)
+        final_state.append(finished.final_state)
         merges.append(finished.merges)
         return {
             "assignments": done | "FlattenDone" >> beam.Flatten(),
             "sizes": sizes | "FlattenSizes" >> beam.Flatten(),
             "merges": merges | "FlattenMerges" >> beam.Flatten(),
+            "final_state": final_state | "FlattenFinalState" >> beam.Flatten(),
             "stats": stats | "FlattenStats" >> beam.Flatten() | "SumStats" >> beam.CombinePerKey(sum),
         }

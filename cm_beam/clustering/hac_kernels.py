@@ -17,8 +17,8 @@ reducible, so all RNN pairs can merge at once without changing the dendrogram):
 1. `edge_linkage`: exact linkage of every candidate edge; edges above eps are
    dropped for good (the linkage of a merged cluster is a weighted mean of its
    parts', so a pair whose every candidate edge is above eps stays above eps);
-2. `nearest_candidates`: each cluster's nearest candidate, ties broken by the
-   smaller cluster id; a cluster with no candidate left retires;
+2. `nearest_candidates`: each cluster's nearest candidate, ties broken by a hash of
+   the pair (`pair_priority`); a cluster with no candidate left retires;
 3. `reciprocal_pairs`: pairs that are each other's nearest merge; the merged
    cluster keeps the smaller id;
 4. `relabel_edges`: edges renamed to the surviving ids, self-loops and duplicates
@@ -39,6 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from cm_beam.array_ops import unique_sorted
+from cm_beam.hashing import _splitmix64
 
 METRICS = ("cosine", "sqeuclidean")
 # Edges per chunk when gathering sum vectors (chunk x d float64 per side).
@@ -138,15 +139,57 @@ def edge_linkage(clusters_u: Clusters, iu: np.ndarray, clusters_v: Clusters, iv:
     return out
 
 
-def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per distinct src: its nearest dst (min linkage, then min id) and that linkage.
+# Linkages closer than tie_scale * TIE_RESOLUTION are ties. tie_scale bounds the size of
+# the terms a linkage is computed from (1 under cosine: dots of unit vectors; under
+# sqeuclidean the largest squared norm, `build_clusters` plans it), so float64 rounding,
+# ~1e-16 of it, is far below the resolution. Tied (or duplicate) points give linkages
+# that differ only by that rounding, and the rounding is not random (it grows with the
+# cluster sizes): ordered by it, a clique of tied points chains into its largest
+# cluster, one merge per round.
+TIE_RESOLUTION = 2.0 ** -36
+
+
+def tie_keys(link: np.ndarray, tie_scale: float = 1.0) -> np.ndarray:
+    """int64 order keys of linkages: floor(link / (tie_scale * TIE_RESOLUTION)). Equal
+    keys are ties (broken by `pair_priority`). Only the choice of nearest candidate uses
+    them; merge heights and the eps cut stay exact.
+    """
+    q = np.floor(np.asarray(link, np.float64) / (float(tie_scale) * TIE_RESOLUTION))
+    return np.clip(q, -2.0 ** 62, 2.0 ** 62).astype(np.int64)
+
+
+def pair_priority(a: np.ndarray, b: np.ndarray, round_index: int = 0) -> np.ndarray:
+    """A uint64 hash of each unordered cluster pair {a, b} in a round: the tie-break
+    between candidates at equal linkage (`tie_keys`).
+
+    Edges ordered by (tie key, pair_priority) are totally ordered (up to 64-bit hash
+    collisions, broken by id), and each cluster's nearest candidate is its first edge
+    in that order, so an edge that is first for both of its ends is a reciprocal pair.
+    Among tied edges that is a locally minimal edge under a random order: in a clique
+    of t tied clusters about a quarter of them merge per round. The round salts the
+    hash: with one fixed order, the pairs left after a round are those the order
+    disfavoured, and the fraction merging shrinks round after round. Breaking ties by
+    the smaller id instead makes every cluster of the clique choose the same one, and
+    one pair merges per round (t - 1 rounds for the clique). Both ends, whatever their
+    shard, compute the same priority from the ids and the round alone.
+    """
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    lo, hi = np.minimum(a, b).astype(np.uint64), np.maximum(a, b).astype(np.uint64)
+    salt = _splitmix64(np.array([round_index], np.uint64))[0]
+    return _splitmix64(_splitmix64(lo ^ salt) ^ hi)
+
+
+def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray, round_index: int = 0,
+                       tie_scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct src: its nearest dst (min `tie_keys` of the linkage, then min
+    `pair_priority` in this round, then min id) and that (exact) linkage.
 
     `src`/`dst` are directed edges (give both directions of an undirected edge).
     Returns (src_unique sorted, nn, nn_linkage).
     """
     if len(src) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-    order = np.lexsort((dst, link, src))
+    order = np.lexsort((dst, pair_priority(src, dst, round_index), tie_keys(link, tie_scale), src))
     s = src[order]
     first = np.ones(len(s), bool)
     first[1:] = s[1:] != s[:-1]
@@ -221,7 +264,8 @@ class RoundStats:
     merges: int
 
 
-def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str):
+def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str, round_index: int = 0,
+              tie_scale: float = 1.0):
     """One RNN round over the whole (in-memory) state.
 
     Returns (clusters after merging, edges u, v after relabelling, winners, losers, stats).
@@ -234,7 +278,7 @@ def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metr
     link = edge_linkage(clusters, iu, clusters, iv, metric)
     keep = link <= eps
     u, v, link = u[keep], v[keep], link[keep]
-    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]))
+    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]), round_index, tie_scale)
     winners, losers = reciprocal_pairs(src, nn)
     clusters = merge_clusters(clusters, winners, losers)
     order = np.argsort(losers, kind="stable")
@@ -269,12 +313,15 @@ def dense_canonical_edges(ids_sorted: np.ndarray, u: np.ndarray, v: np.ndarray) 
 
 
 def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str,
-                  max_rounds: int = 1 << 30, max_edges: Optional[int] = None, return_merges: bool = False):
+                  max_rounds: int = 1 << 30, max_edges: Optional[int] = None, return_merges: bool = False,
+                  first_round: int = 0, tie_scale: float = 1.0):
     """Runs RNN rounds until no candidate edge within eps is left.
 
     The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
-    the canonical orientation (smaller id first), cut at eps, nearest candidate with
-    ties to the smaller id, reciprocal pairs merge into the smaller id. Faster for
+    the canonical orientation (smaller id first), cut at eps, nearest candidate by
+    (`tie_keys`, `pair_priority`, id), reciprocal pairs merge into the smaller id;
+    `first_round` numbers this call's first round (it salts `pair_priority`, so a finish
+    after r Beam rounds continues their sequence); `tie_scale` as in `tie_keys`. Faster for
     many rounds on one worker: clusters are dense indices in id order (so index
     order is id order), only edges touching a cluster merged in the last round get
     their linkage recomputed (the others' clusters did not change: same bits), and
@@ -318,15 +365,29 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
         if len(iu) == 0:
             stats.append(RoundStats(n_edges, 0, 0))
             break
-        # Nearest candidate: min linkage, then min index (= min id).
-        minl = np.full(m, np.inf)
-        np.minimum.at(minl, iu, link)
-        np.minimum.at(minl, iv, link)
+        # Nearest candidate: min tie key, then min pair priority, then min index (= min id).
+        key = tie_keys(link, tie_scale)
+        mink = np.full(m, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(mink, iu, key)
+        np.minimum.at(mink, iv, key)
+        cu, cv = key == mink[iu], key == mink[iv]
+        tied = np.flatnonzero(cu | cv)
+        tu, tv, cu, cv = iu[tied], iv[tied], cu[tied], cv[tied]
+        prio = pair_priority(ids[tu], ids[tv], first_round + rounds - 1)
+        minp = np.full(m, np.iinfo(np.uint64).max, np.uint64)
+        np.minimum.at(minp, tu[cu], prio[cu])
+        np.minimum.at(minp, tv[cv], prio[cv])
         nn = np.full(m, m, np.int64)
-        c = link == minl[iu]
-        np.minimum.at(nn, iu[c], iv[c])
-        c = link == minl[iv]
-        np.minimum.at(nn, iv[c], iu[c])
+        c = cu & (prio == minp[tu])
+        np.minimum.at(nn, tu[c], tv[c])
+        c = cv & (prio == minp[tv])
+        np.minimum.at(nn, tv[c], tu[c])
+        # The exact linkage of each cluster's chosen edge (edges are unique pairs).
+        minl = np.full(m, np.inf)
+        c = nn[tu] == tv
+        minl[tu[c]] = link[tied[c]]
+        c = nn[tv] == tu
+        minl[tv[c]] = link[tied[c]]
         active = np.flatnonzero(minl < np.inf)
         partner = nn[active]
         recip = (nn[partner] == active) & (active < partner)

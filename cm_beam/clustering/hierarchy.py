@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from cm_beam.clustering import hierarchy_kernels as hik
+from cm_beam.errors import check_choice
 
 MERGES_SCHEMA = pa.schema([("cluster_a", pa.int64()), ("cluster_b", pa.int64()), ("merged", pa.int64()),
                            ("height", pa.float64()), ("size", pa.int64()), ("round", pa.int32())])
@@ -93,8 +94,7 @@ class CutHierarchy(beam.PTransform):
 
     def __init__(self, rule: str, value: float, max_eps: float, max_flag: str = "--max_distance"):
         super().__init__()
-        if rule not in hik.RULES:
-            raise ValueError(f"rule must be one of {hik.RULES}, got {rule!r}")
+        check_choice("rule", rule, hik.RULES)
         self._args = (rule, int(value) if rule == "num_clusters" else float(value), float(max_eps), max_flag)
 
     def expand(self, inputs):

@@ -10,7 +10,9 @@ cm-cluster records every merge it makes in `merges-*.parquet`, one row per merge
   as eps);
 * `size` (int64): members of the new node;
 * `round` (int32): the RNN round of the merge (Beam rounds first, then the in-memory
-  finish's); a node's children always merged in earlier rounds.
+  finish's); negative rounds hold the height-0 merges of exact duplicates, folded before
+  the clustering (`duplicates_kernels.fold_merges`); a node's children always merged in
+  earlier rounds.
 
 A leaf is an example; its leaf id is its singleton cluster id (the 63-bit hash of its
 example_id, `hac_kernels.public_labels`), written as `leaf_id` in `clusters-*.parquet`.

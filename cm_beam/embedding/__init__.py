@@ -1,6 +1,8 @@
 """Embedding stage (`cm-embed`): images -> embedding, uncertainty score, predicted class.
 
 * `embed_pool`: the `EmbedAndScore` PTransform over RunInference.
+* `options` / `stage`: `EmbedOptions` (every parameter of cm-embed, validated) and
+  `run_embed(options, beam_options)`, the stage as one Beam job.
 * `keras_model_handler`: the Keras `ModelHandler` (safe loading, model contract checks).
 * `image_sources` / `image_decode`: reading pools (CSV, directories, TFRecords) and
   decoding images with dead letters for bad ones.
@@ -8,7 +10,7 @@
 
 import importlib as _importlib
 
-_EXPORTS = {'EmbedAndScore': 'embed_pool', 'KerasModelHandler': 'keras_model_handler', 'ReadImagePool': 'image_sources'}
+_EXPORTS = {'EmbedOptions': 'options', 'run_embed': 'stage', 'EmbedAndScore': 'embed_pool', 'KerasModelHandler': 'keras_model_handler', 'ReadImagePool': 'image_sources'}
 __all__ = sorted(_EXPORTS)
 
 

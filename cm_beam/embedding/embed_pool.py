@@ -45,6 +45,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from cm_beam.embedding import image_sources
+from cm_beam.errors import check_choice, check_int
 from cm_beam.embedding.image_decode import DEFAULT_MAX_IMAGE_PIXELS, ImageDecoder, configure_threads
 from cm_beam.embedding.keras_model_handler import (
     MARGIN_REDUCES,
@@ -165,14 +166,11 @@ class EmbedAndScore(beam.PTransform):
         max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         super().__init__()
-        if int(image_size) <= 0:
-            raise ValueError(f"image_size must be > 0, got {image_size}")
-        if int(inference_batch_size) <= 0:
-            raise ValueError(f"inference_batch_size must be > 0, got {inference_batch_size}")
-        if margin_reduce not in MARGIN_REDUCES:
-            raise ValueError(f"margin_reduce must be one of {MARGIN_REDUCES}, got {margin_reduce!r}")
-        if intra_op_threads < 0 or fetch_threads < 1:
-            raise ValueError("intra_op_threads must be >= 0 and fetch_threads >= 1")
+        check_int("image_size", image_size)
+        check_int("inference_batch_size", inference_batch_size)
+        check_choice("margin_reduce", margin_reduce, MARGIN_REDUCES)
+        check_int("intra_op_threads", intra_op_threads, low=0)
+        check_int("fetch_threads", fetch_threads)
         if contract is None:
             contract = check_model(model, int(image_size), embedding_layer, multilabel, unsafe_model)
         elif contract.path != model or contract.image_size != int(image_size):

@@ -46,7 +46,7 @@ import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 from cm_beam.io import table_io
-from cm_beam.errors import InputError
+from cm_beam.errors import InputError, check_int
 
 POOL_FORMATS = ("manifest", "tfrecord", "parquet")
 DEFAULT_IMAGE_COLUMN = "image"
@@ -468,8 +468,7 @@ class ReadImagePool(beam.PTransform):
 
     def __init__(self, pool: ImagePool, block_rows: int = DEFAULT_BLOCK_ROWS):
         super().__init__()
-        if block_rows <= 0:
-            raise ValueError(f"block_rows must be > 0, got {block_rows}")
+        check_int("block_rows", block_rows)
         self._pool = pool
         self._block_rows = block_rows
 

@@ -44,7 +44,7 @@ from cm_beam.errors import InputError
 
 _LOG = logging.getLogger(__name__)
 
-MARGIN_REDUCES = ("min", "mean")
+MARGIN_REDUCES = uncertainty.MULTILABEL_REDUCES
 
 
 @dataclasses.dataclass(frozen=True)

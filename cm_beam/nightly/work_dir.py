@@ -397,48 +397,19 @@ def read_nightly_summary(work: WorkDir, batch_dir: str) -> Optional[Dict[str, An
     return summary
 
 
-def flags_to_argv(flags: Dict[str, Any]) -> List[str]:
-    """{'batch_size': 10, 'multilabel': True, 'exclude': [a, b]} -> argparse-style argv.
-
-    None and False values are left out (the stage's default applies); lists repeat
-    the flag.
-    """
-    argv: List[str] = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(f"--{name}")
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                argv += [f"--{name}", str(item)]
-        else:
-            argv += [f"--{name}", str(value)]
-    return argv
-
-
-# Runner names the nightly resolves itself: Beam's own DaskRunner cannot run the
-# stages (see cm_beam/runtime/dask_runner.py).
-RUNNERS = {"DaskRunner": "cm_beam.dask_runner.DaskRunner",
-           "apache_beam.runners.dask.dask_runner.DaskRunner": "cm_beam.dask_runner.DaskRunner"}
-
-
 def stage_beam_args(beam_args: Iterable[str], stage: str) -> List[str]:
     """The Beam flags for one stage's job.
 
     A --job_name gets the stage as suffix: Dataflow refuses two active jobs of one
     name, and distinct names keep the three jobs' monitoring pages apart.
-    `--runner=DaskRunner` means cm-beam's DaskRunner.
+    Runner names resolve through cm_beam.runtime.runner.RUNNER_ALIASES
+    (`--runner=DaskRunner` means cm-beam's DaskRunner).
     """
-    out, it = [], iter(beam_args)
+    from cm_beam.runtime.runner import rewrite_runner
+
+    out, it = [], iter(rewrite_runner(beam_args))
     for arg in it:
-        if arg in ("--job_name", "--runner"):
+        if arg == "--job_name":
             arg = f"{arg}={next(it, '')}"
-        if arg.startswith("--job_name="):
-            out.append(f"{arg}-{stage}")
-        elif arg.startswith("--runner="):
-            name = arg.split("=", 1)[1]
-            out.append(f"--runner={RUNNERS.get(name, name)}")
-        else:
-            out.append(arg)
+        out.append(f"{arg}-{stage}" if arg.startswith("--job_name=") else arg)
     return out

@@ -19,7 +19,7 @@ inputs) look bags up by PCollection, and every leaf bag is computed together (da
 shares their common upstream tasks).
 
 `cm_beam.runner.pipeline_options` maps `--runner=DaskRunner` here (ask the lead), or
-pass the full path `--runner=cm_beam.dask_runner.DaskRunner`; connect to a running
+pass the full path `--runner=cm_beam.runtime.dask_runner.DaskRunner`; connect to a running
 cluster with `--dask_client_address=HOST:PORT`.
 """
 

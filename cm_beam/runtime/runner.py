@@ -1,6 +1,8 @@
 """Pipeline options and running, shared by every entry point in `pipelines/`.
 
-* `--runner` short names Beam does not know are expanded (`DaskRunner`).
+* `--runner` names in RUNNER_ALIASES are expanded (`DaskRunner`), in every command.
+* `split_beam_args`: the flags a command did not parse must be Beam pipeline options;
+  any other flag fails naming it (Beam itself would only warn and drop it).
 * With no `--runner`, pipelines run on the FnApiRunner: it is what the DirectRunner
   falls back to anyway, but without first trying to download the Prism binary (which
   fails offline) and with `--direct_num_workers` honoured.
@@ -13,8 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import time
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -25,41 +28,133 @@ from cm_beam.runtime import worker_threads
 
 _LOG = logging.getLogger("cm_beam")
 
+CM_DASK_RUNNER = "cm_beam.runtime.dask_runner.DaskRunner"
+# The one table of runner names cm-beam resolves itself (every command, and each
+# stage of cm-nightly). Beam 2.77's own DaskRunner mixes a ParDo's tagged outputs
+# and computes only the last sink; cm_beam.runtime.dask_runner fixes both (see its
+# docstring), so Beam's name for it means ours too.
 RUNNER_ALIASES = {
-    # Beam 2.77's own DaskRunner mixes a ParDo's tagged outputs and computes only the
-    # last sink; cm_beam.runtime.dask_runner fixes both (see its docstring).
-    "DaskRunner": "cm_beam.dask_runner.DaskRunner",
+    "DaskRunner": CM_DASK_RUNNER,
+    "apache_beam.runners.dask.dask_runner.DaskRunner": CM_DASK_RUNNER,
 }
 DEFAULT_RUNNER = "FnApiRunner"
 
 
-def _rewrite_runner(args: Sequence[str]) -> List[str]:
+def resolve_runner(name: str) -> str:
+    return RUNNER_ALIASES.get(name, name)
+
+
+def rewrite_runner(args: Sequence[str], default: Optional[str] = None) -> List[str]:
+    """`args` with `--runner X` / `--runner=X` as `--runner=<resolved X>` (and
+    `--runner=<default>` appended when there is none and `default` is given)."""
     out, has_runner = [], False
     it = iter(args)
     for arg in it:
         if arg == "--runner":
-            value = next(it, "")
-            out.append(f"--runner={RUNNER_ALIASES.get(value, value)}")
-            has_runner = True
-        elif arg.startswith("--runner="):
-            value = arg.split("=", 1)[1]
-            out.append(f"--runner={RUNNER_ALIASES.get(value, value)}")
+            arg = f"--runner={next(it, '')}"
+        if arg.startswith("--runner="):
+            out.append(f"--runner={resolve_runner(arg.split('=', 1)[1])}")
             has_runner = True
         else:
             out.append(arg)
-    if not has_runner:
-        out.append(f"--runner={DEFAULT_RUNNER}")
+    if not has_runner and default:
+        out.append(f"--runner={default}")
     return out
+
+
+def _register_runner_options(args: Sequence[str]) -> None:
+    """Imports the module of a runner given by its full path, so that the pipeline
+    options it defines (DaskRunner's --dask_client_address) are known to Beam's parser."""
+    import importlib
+
+    for arg in rewrite_runner(args):
+        if arg.startswith("--runner=") and "." in arg:
+            module = arg.split("=", 1)[1].rsplit(".", 1)[0]
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # Beam reports a runner it cannot import when it creates the runner
+
+
+def unknown_beam_args(args: Sequence[str]) -> List[str]:
+    """The items of `args` that no Beam pipeline option accepts.
+
+    Parsed the way `PipelineOptions.get_all_options` parses (with every registered
+    PipelineOptions subclass), where Beam would only log "Discarding unparseable
+    args" and run with the defaults.
+    """
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    _register_runner_options(args)
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    _, unknown = parser.parse_known_args(list(args))
+    return unknown
+
+
+def split_beam_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], help_command: str = ""):
+    """(the command's parsed flags, the Beam pipeline options), or a parser error
+    naming the first flag that is neither (a typo like --batch_sise must not run
+    with the default). `help_command`: the command whose --help lists the flags."""
+    args, rest = parser.parse_known_args(argv)
+    unknown = unknown_beam_args(rest)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        what = "flag" if flag.startswith("-") else "argument"
+        parser.error(f"unrecognized {what} {flag.split('=', 1)[0]}: neither a {parser.prog} flag nor a Beam "
+                     f"pipeline option (see {help_command or parser.prog} --help)")
+    return args, list(rest)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written, and every flag's default (or that it is required)."""
+
+    def _get_help_string(self, action):
+        if action.required:
+            return (action.help or "") + " (required)"
+        return super()._get_help_string(action)
+
+
+BEAM_OPTIONS_EPILOG = textwrap.fill("Any other --flag must be an Apache Beam pipeline option (--runner, --direct_num_workers, "
+                       "--direct_running_mode, Dataflow, Flink, portable, Dask options); anything else fails, "
+                       "naming it. --runner=DaskRunner means " + CM_DASK_RUNNER + "; with no --runner, "
+                       + DEFAULT_RUNNER + ".", 88)
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The argparse parser of a cm-beam command: flags spelled in full (an abbreviation
+    could silently take a Beam option's place), every default in --help."""
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=BEAM_OPTIONS_EPILOG,
+                                   formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     """PipelineOptions from the flags an entry point did not parse itself."""
-    args = _rewrite_runner(beam_args)
+    args = rewrite_runner(beam_args, DEFAULT_RUNNER)
     options = PipelineOptions(args)
     runner = options.view_as(StandardOptions).runner or ""
     if runner.endswith("DaskRunner") and "--dask_client_address" not in " ".join(args):
         _LOG.warning("DaskRunner without --dask_client_address starts a local dask cluster")
     return options
+
+
+BeamOptions = Union[PipelineOptions, Sequence[str], None]
+
+
+def as_pipeline_options(beam_options: BeamOptions) -> Tuple[PipelineOptions, List[str]]:
+    """(PipelineOptions, the flags they were made from) for a stage's `beam_options`:
+    Beam flags (`["--runner=DataflowRunner", ...]`) or PipelineOptions. Flags go
+    through `pipeline_options` (runner aliases, the default runner); PipelineOptions
+    get the default runner if they name none."""
+    if isinstance(beam_options, PipelineOptions):
+        standard = beam_options.view_as(StandardOptions)
+        if not standard.runner:
+            standard.runner = DEFAULT_RUNNER
+        flags = [f"--{k}={v}" for k, v in sorted(beam_options.get_all_options(drop_default=True).items())]
+        return beam_options, flags
+    flags = list(beam_options or ())
+    return pipeline_options(flags), flags
 
 
 class JobNotExecuted(RuntimeError):
@@ -70,7 +165,8 @@ class JobNotExecuted(RuntimeError):
     """
 
 
-def _translation_only(options: PipelineOptions) -> Optional[str]:
+def translation_only_flag(options: PipelineOptions) -> Optional[str]:
+    """The option that makes a runner only build the job (--dry_run, --template_location), or None."""
     all_options = options.get_all_options(drop_default=True)
     if all_options.get("dry_run"):
         return "--dry_run"
@@ -98,7 +194,7 @@ def run_pipeline(pipeline: beam.Pipeline, what: str = "pipeline", return_result:
         state = result.wait_until_finish()
     if state is not None and state != PipelineState.DONE:
         raise RuntimeError(f"{what} ended in state {state}, not DONE")
-    flag = _translation_only(pipeline._options)
+    flag = translation_only_flag(pipeline._options)
     if flag:
         raise JobNotExecuted(f"{what}: the job was built but not run ({flag}); no output, no manifest")
     seconds = time.time() - start

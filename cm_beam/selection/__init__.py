@@ -1,5 +1,7 @@
 """Selection stage (`cm-select`): scores + clusters + exclusions -> the next labeling batch.
 
+* `options` / `stage`: `SelectOptions` (every parameter of cm-select, validated once, the
+  margin-pool rule included) and `run_select(options, beam_options)`, the stage as one Beam job.
 * `select_batch`: the `SelectBatch` PTransform (Cluster-Margin's round robin over the
   clusters of the most uncertain examples, and the margin / random baselines).
 * `select_impl`: its DoFns and CombineFns (bucketing, joins, the distributed k-th smallest).
@@ -9,7 +11,8 @@
 
 import importlib as _importlib
 
-_EXPORTS = {'SelectBatch': 'select_batch', 'STRATEGIES': 'select_batch'}
+_EXPORTS = {'SelectOptions': 'options', 'run_select': 'stage', 'SelectBatch': 'select_batch',
+            'STRATEGIES': 'options'}
 __all__ = sorted(_EXPORTS)
 
 

@@ -51,9 +51,10 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.pvalue import AsSingleton
 
+from cm_beam.errors import InputError
 from cm_beam.selection import kernels as sk
 from cm_beam.selection import select_impl as impl
-from cm_beam.selection import uncertainty as unc
+from cm_beam.selection.options import DEFAULT_MARGIN_POOL_FACTOR, SelectOptions, check_selection
 
 SELECTION_SCHEMA = impl.SELECTION_SCHEMA
 REJECTED_SCHEMA = impl.REJECTED_SCHEMA
@@ -123,6 +124,149 @@ class _SumShortArraysFn(beam.CombineFn):
         return acc
 
 
+class _JoinById(beam.PTransform):
+    """Scored rows, clusters and exclusions meet in example_id-hash buckets -> the
+    eligible rows (scored, not excluded, with their cluster) and the join's counts.
+
+    Input: a dict with `scored` and optionally `clusters` and `exclude`. Scored rows
+    whose first key digit shows they cannot reach the margin pool go as bare ids
+    (one summed histogram bounds the cut; each exclusion row may remove one row of
+    the pool, so the bound counts k_m + #exclusion rows). Random has one priority
+    for all rows: nothing to prune.
+    """
+
+    def __init__(self, strategy: str, uncertainty: str, seed: int, num_join_buckets: int, margin_pool_size: int):
+        super().__init__()
+        self._strategy, self._uncertainty, self._seed = strategy, uncertainty, seed
+        self._buckets, self._k_m = num_join_buckets, margin_pool_size
+
+    def expand(self, inputs):
+        scored, nj = inputs["scored"], self._buckets
+        if self._strategy == "random":
+            routed = [scored | "RouteScores" >> beam.FlatMap(impl.route_by_id_hash, "scores", nj)]
+        else:
+            first_digits = (
+                scored
+                | "FirstDigitHistogram" >> beam.Map(impl.priority_histogram, self._strategy, self._uncertainty)
+                | "SumFirstDigitHistogram" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
+            )
+            num_exclusions = 0
+            if "exclude" in inputs:
+                num_exclusions = AsSingleton(
+                    inputs["exclude"]
+                    | "CountExclusionRows" >> beam.Map(lambda b: b.num_rows)
+                    | "SumExclusionRows" >> beam.CombineGlobally(sum).without_defaults(),
+                    default_value=0)
+            routed = [scored | "RouteScores" >> beam.FlatMap(
+                impl.route_scores, self._strategy, self._uncertainty, nj, self._k_m,
+                AsSingleton(first_digits, default_value=_EMPTY_HIST), num_exclusions)]
+        if "clusters" in inputs:
+            # Margin and Random only report the cluster ids; Cluster-Margin selects by them.
+            routed.append(inputs["clusters"] | "RouteClusters" >> beam.FlatMap(impl.route_by_id_hash, "clusters", nj))
+        if "exclude" in inputs:
+            routed.append(inputs["exclude"] | "RouteExclusions" >> beam.FlatMap(impl.route_by_id_hash, "exclude", nj))
+        joined = (
+            routed
+            | "FlattenRouted" >> beam.Flatten()
+            | "GroupById" >> beam.GroupByKey()
+            | "Join" >> beam.ParDo(impl.JoinBucketFn(self._strategy, self._uncertainty, self._seed)).with_outputs(
+                impl.JoinBucketFn.STATS, main="eligible")
+        )
+        return {"eligible": joined.eligible, "stats": joined[impl.JoinBucketFn.STATS]}
+
+
+class _MarginPoolCut(beam.PTransform):
+    """Eligible rows -> the margin pool M: the k_m smallest order keys.
+
+    Radix selection of the k_m-th smallest key: each level's histogram is summed
+    across workers; the state (the threshold's high digits) is refolded from the
+    histograms wherever it is needed, which costs microseconds and saves a stage per
+    level. Rows tied with the last key (rare: same score and same 32-bit hash) are
+    settled by example_id on that small superset, not on the pool.
+    """
+
+    def __init__(self, margin_pool_size: int):
+        super().__init__()
+        self._k_m = margin_pool_size
+
+    def expand(self, eligible):
+        k_m = self._k_m
+        keys = eligible | "OrderKeys" >> beam.Map(impl.keys_of)
+        hists = []
+        for level in range(sk.RADIX_LEVELS):
+            hist = (
+                keys
+                | f"RadixHistogram{level}" >> beam.Map(impl.radix_histogram_at, k_m, *_singletons(hists, _EMPTY_HIST))
+                | f"SumRadixHistogram{level}" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
+            )
+            hists.append(hist)
+        radix = _singletons(hists, _EMPTY_HIST)
+        at_or_below = eligible | "AtOrBelowThreshold" >> beam.FlatMap(impl.at_or_below_threshold, k_m, *radix)
+        chosen_ties = (
+            at_or_below
+            | "TiesAtThreshold" >> beam.FlatMap(impl.ties_at_threshold, k_m, *radix)
+            | "CollectTies" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
+            | "ChooseTies" >> beam.Map(impl.chosen_ties, k_m, *radix)
+        )
+        return at_or_below | "MarginPool" >> beam.FlatMap(
+            impl.drop_unchosen_ties, AsSingleton(chosen_ties, default_value=[]), k_m, *radix)
+
+
+class _RoundRobinCut(beam.PTransform):
+    """The margin pool -> the batch: the rows laid out in key-range buckets by (round,
+    position in round), then ranked globally and cut at k_t.
+
+    Output: a dict with `selection` (record batches of SELECTION_SCHEMA), `picks` (the
+    picks' keys, gathered on one worker: k_t rows) and `offsets` (the buckets'
+    offsets and the cluster-size histogram of M).
+    """
+
+    def __init__(self, singletons: bool, num_select_buckets: int, batch_size: int):
+        super().__init__()
+        self._singletons, self._buckets, self._k_t = singletons, num_select_buckets, batch_size
+
+    def expand(self, margin_pool):
+        sample_size = SAMPLE_PER_BUCKET * self._buckets
+        splitters = (
+            margin_pool
+            | "SampleGroupKeys" >> beam.Map(impl.sample_group_keys, self._singletons, sample_size)
+            | "BottomK" >> beam.CombineGlobally(impl.BottomKFn(sample_size)).without_defaults()
+            | "Splitters" >> beam.Map(sk.splitters_from_sample, self._buckets)
+        )
+        laid_out = (
+            margin_pool
+            | "RouteByGroupKey" >> beam.FlatMap(
+                impl.route_by_group_key, AsSingleton(splitters, default_value=_NO_SPLITTERS), self._singletons)
+            | "GroupByKeyRange" >> beam.GroupByKey()
+            | "Layout" >> beam.ParDo(impl.LayoutBucketFn(self._singletons)).with_outputs(
+                impl.LayoutBucketFn.SIZES, main="members")
+        )
+        offsets = (
+            laid_out[impl.LayoutBucketFn.SIZES]
+            | "CollectSizeCounts" >> beam.CombineGlobally(impl.ConcatTriplesFn()).without_defaults()
+            | "Offsets" >> beam.Map(lambda t: sk.BucketOffsets(*t))
+        )
+        cut = laid_out.members | "RankAndCut" >> beam.FlatMap(
+            impl.rank_and_cut, AsSingleton(offsets, default_value=_NO_OFFSETS), self._k_t
+        ).with_outputs(impl.PICKS, main="selection")
+        picks = cut[impl.PICKS] | "CollectPicks" >> beam.CombineGlobally(impl.ConcatPicksFn()).without_defaults()
+        return {"selection": cut.selection, "picks": picks, "offsets": offsets}
+
+
+class _KeysBelowMedianPick(beam.PTransform):
+    """For the batch diagnostics: how many keys of the margin pool lie below the picks'
+    median key(s) (one or two), i.e. the picks' median uncertainty rank; every key
+    smaller than a pick's is in M, so M is enough."""
+
+    def expand(self, inputs):
+        median_keys = inputs["picks"] | "MedianPickKeys" >> beam.Map(lambda p: sk.median_keys(p.key))
+        return (
+            inputs["margin_pool"]
+            | "KeysBelowMedian" >> beam.Map(impl.keys_below, AsSingleton(median_keys, default_value=None))
+            | "SumKeysBelowMedian" >> beam.CombineGlobally(_SumShortArraysFn()).without_defaults()
+        )
+
+
 class SelectBatch(beam.PTransform):
     """Selects a labeling batch by Cluster-Margin (or Margin, or Random).
 
@@ -136,7 +280,7 @@ class SelectBatch(beam.PTransform):
         self,
         batch_size: int,
         margin_pool_size: Optional[int] = None,
-        margin_pool_factor: float = 10.0,
+        margin_pool_factor: float = DEFAULT_MARGIN_POOL_FACTOR,
         strategy: str = "cluster_margin",
         uncertainty: str = "margin",
         score_column: Optional[str] = "margin",
@@ -147,27 +291,15 @@ class SelectBatch(beam.PTransform):
         num_join_buckets: int = 16,
     ):
         super().__init__()
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        if uncertainty not in unc.UNCERTAINTIES:
-            raise ValueError(f"uncertainty must be one of {', '.join(unc.UNCERTAINTIES)}, got {uncertainty!r}")
-        if multilabel_reduce not in ("min", "mean"):
-            raise ValueError(f"multilabel_reduce must be 'min' or 'mean', got {multilabel_reduce!r}")
+        k_m = check_selection(batch_size, strategy, uncertainty, multilabel_reduce, margin_pool_size, margin_pool_factor)
         if score_column is None and not num_classes:
-            raise ValueError("num_classes is required when scores are computed from probs (score_column=None)")
-        if margin_pool_size is None:
-            if not margin_pool_factor >= 1.0:
-                raise ValueError(f"margin_pool_factor must be >= 1, got {margin_pool_factor!r}")
-            margin_pool_size = int(math.ceil(batch_size * margin_pool_factor))
-        if margin_pool_size < batch_size:
-            raise ValueError(f"margin_pool_size ({margin_pool_size}) must be >= batch_size ({batch_size})")
+            raise InputError.bad_parameter(
+                "num_classes", "is required when scores are computed from probs (score_column=None)")
         if num_join_buckets <= 0:
-            raise ValueError(f"num_join_buckets must be positive, got {num_join_buckets}")
+            raise InputError.bad_parameter("num_join_buckets", f"must be positive, got {num_join_buckets}")
         self.batch_size = int(batch_size)
         # Plain Margin and Random have no clusters: their margin pool is the batch.
-        self.margin_pool_size = int(margin_pool_size) if strategy == "cluster_margin" else int(batch_size)
+        self.margin_pool_size = k_m
         self.strategy = strategy
         self.uncertainty = uncertainty
         self.score_column = score_column
@@ -178,132 +310,55 @@ class SelectBatch(beam.PTransform):
         self.num_join_buckets = int(num_join_buckets)
         self.num_select_buckets = int(min(MAX_BUCKETS, max(1, math.ceil(self.margin_pool_size / ROWS_PER_SELECT_BUCKET))))
 
+    @classmethod
+    def from_options(cls, options: SelectOptions, score_column: Optional[str] = "margin",
+                     num_classes: Optional[int] = None, num_join_buckets: int = 16) -> "SelectBatch":
+        """The transform for `options`; the other arguments describe the inputs (which
+        column holds the scores, how many classes `probs` has) and the join's width."""
+        return cls(
+            batch_size=options.batch_size,
+            margin_pool_size=options.margin_pool_size,
+            margin_pool_factor=(options.margin_pool_factor if options.margin_pool_factor is not None
+                                else DEFAULT_MARGIN_POOL_FACTOR),
+            strategy=options.strategy,
+            uncertainty=options.uncertainty,
+            score_column=score_column,
+            num_classes=num_classes,
+            multilabel=options.multilabel,
+            multilabel_reduce=options.multilabel_reduce,
+            seed=options.seed,
+            num_join_buckets=num_join_buckets,
+        )
+
     def expand(self, inputs):
         scores = inputs["scores"]
-        pipeline = scores.pipeline
-        singletons = self.strategy != "cluster_margin"
-        nj = self.num_join_buckets
-
         scored = scores | "Score" >> beam.ParDo(
             impl.ScoreBlockFn(self.uncertainty, self.score_column, self.multilabel, self.multilabel_reduce, self.num_classes)
         ).with_outputs(impl.ScoreBlockFn.REJECTED, impl.ScoreBlockFn.STATS, main="scored")
-
-        # Scores, clusters and exclusions meet in example_id-hash buckets. Scored rows
-        # whose first key digit shows they cannot reach the margin pool go as bare ids
-        # (one summed histogram bounds the cut; each exclusion row may remove one row
-        # of the pool, so the bound counts k_m + #exclusion rows). Random has one
-        # priority for all rows: nothing to prune.
-        if self.strategy == "random":
-            routed = [scored.scored | "RouteScores" >> beam.FlatMap(impl.route_by_id_hash, "scores", nj)]
-        else:
-            first_digits = (
-                scored.scored
-                | "FirstDigitHistogram" >> beam.Map(impl.priority_histogram, self.strategy, self.uncertainty)
-                | "SumFirstDigitHistogram" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
-            )
-            num_exclusions = 0
-            if inputs.get("exclude") is not None:
-                num_exclusions = AsSingleton(
-                    inputs["exclude"]
-                    | "CountExclusionRows" >> beam.Map(lambda b: b.num_rows)
-                    | "SumExclusionRows" >> beam.CombineGlobally(sum).without_defaults(),
-                    default_value=0)
-            routed = [scored.scored | "RouteScores" >> beam.FlatMap(
-                impl.route_scores, self.strategy, self.uncertainty, nj, self.margin_pool_size,
-                AsSingleton(first_digits, default_value=_EMPTY_HIST), num_exclusions)]
-        if inputs.get("clusters") is not None:
-            # Margin and Random only report the cluster ids; Cluster-Margin selects by them.
-            routed.append(inputs["clusters"] | "RouteClusters" >> beam.FlatMap(impl.route_by_id_hash, "clusters", nj))
-        if inputs.get("exclude") is not None:
-            routed.append(inputs["exclude"] | "RouteExclusions" >> beam.FlatMap(impl.route_by_id_hash, "exclude", nj))
-        joined = (
-            routed
-            | "FlattenRouted" >> beam.Flatten()
-            | "GroupById" >> beam.GroupByKey()
-            | "Join" >> beam.ParDo(impl.JoinBucketFn(self.strategy, self.uncertainty, self.seed)).with_outputs(
-                impl.JoinBucketFn.STATS, main="eligible")
-        )
-        eligible = joined.eligible
-
-        # The margin-pool cut: radix selection of the k_m-th smallest order key. Each
-        # level's histogram is summed across workers; the state (the threshold's high
-        # digits) is refolded from the histograms wherever it is needed, which costs
-        # microseconds and saves a stage per level.
-        k_m = self.margin_pool_size
-        keys = eligible | "OrderKeys" >> beam.Map(impl.keys_of)
-        hists = []
-        for level in range(sk.RADIX_LEVELS):
-            hist = (
-                keys
-                | f"RadixHistogram{level}" >> beam.Map(impl.radix_histogram_at, k_m, *_singletons(hists, _EMPTY_HIST))
-                | f"SumRadixHistogram{level}" >> beam.CombineGlobally(impl.SumArraysFn(sk.RADIX_BINS)).without_defaults()
-            )
-            hists.append(hist)
-        radix = _singletons(hists, _EMPTY_HIST)
-        # M plus rows tied with its last key; the ties (rare: same score and same 32-bit
-        # hash) are settled by example_id on this small superset, not on the pool.
-        at_or_below = eligible | "AtOrBelowThreshold" >> beam.FlatMap(impl.at_or_below_threshold, k_m, *radix)
-        chosen_ties = (
-            at_or_below
-            | "TiesAtThreshold" >> beam.FlatMap(impl.ties_at_threshold, k_m, *radix)
-            | "CollectTies" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-            | "ChooseTies" >> beam.Map(impl.chosen_ties, k_m, *radix)
-        )
-        margin_pool = at_or_below | "MarginPool" >> beam.FlatMap(
-            impl.drop_unchosen_ties, AsSingleton(chosen_ties, default_value=[]), k_m, *radix)
-
-        # The round-robin cut: layout in key-range buckets, then global ranks.
-        sample_size = SAMPLE_PER_BUCKET * self.num_select_buckets
-        splitters = (
-            margin_pool
-            | "SampleGroupKeys" >> beam.Map(impl.sample_group_keys, singletons, sample_size)
-            | "BottomK" >> beam.CombineGlobally(impl.BottomKFn(sample_size)).without_defaults()
-            | "Splitters" >> beam.Map(sk.splitters_from_sample, self.num_select_buckets)
-        )
-        laid_out = (
-            margin_pool
-            | "RouteByGroupKey" >> beam.FlatMap(
-                impl.route_by_group_key, AsSingleton(splitters, default_value=_NO_SPLITTERS), singletons)
-            | "GroupByKeyRange" >> beam.GroupByKey()
-            | "Layout" >> beam.ParDo(impl.LayoutBucketFn(singletons)).with_outputs(impl.LayoutBucketFn.SIZES, main="members")
-        )
-        offsets = (
-            laid_out[impl.LayoutBucketFn.SIZES]
-            | "CollectSizeCounts" >> beam.CombineGlobally(impl.ConcatTriplesFn()).without_defaults()
-            | "Offsets" >> beam.Map(lambda t: sk.BucketOffsets(*t))
-        )
-        cut = laid_out.members | "RankAndCut" >> beam.FlatMap(
-            impl.rank_and_cut, AsSingleton(offsets, default_value=_NO_OFFSETS), self.batch_size
-        ).with_outputs(impl.PICKS, main="selection")
-        selection = cut.selection
-
-        # Batch diagnostics: the picks (k_t rows) meet on one worker; their median
-        # uncertainty rank needs only a count of the margin pool's keys below one or
-        # two median keys (every key smaller than a pick's is in M).
-        picks = cut[impl.PICKS] | "CollectPicks" >> beam.CombineGlobally(impl.ConcatPicksFn()).without_defaults()
-        median_keys = picks | "MedianPickKeys" >> beam.Map(lambda p: sk.median_keys(p.key))
-        below_median = (
-            margin_pool
-            | "KeysBelowMedian" >> beam.Map(impl.keys_below, AsSingleton(median_keys, default_value=None))
-            | "SumKeysBelowMedian" >> beam.CombineGlobally(_SumShortArraysFn()).without_defaults()
-        )
+        joined = {"scored": scored.scored, **{k: inputs[k] for k in ("clusters", "exclude") if inputs.get(k) is not None}} \
+            | "JoinById" >> _JoinById(self.strategy, self.uncertainty, self.seed, self.num_join_buckets,
+                                      self.margin_pool_size)
+        margin_pool = joined["eligible"] | "MarginPoolCut" >> _MarginPoolCut(self.margin_pool_size)
+        cut = margin_pool | "RoundRobinCut" >> _RoundRobinCut(
+            self.strategy != "cluster_margin", self.num_select_buckets, self.batch_size)
+        below_median = {"margin_pool": margin_pool, "picks": cut["picks"]} | "KeysBelowMedianPick" >> _KeysBelowMedianPick()
 
         # One dict of counts from every stage, merged in a single combine.
         counts = (
             (
                 scored[impl.ScoreBlockFn.STATS],
-                joined[impl.JoinBucketFn.STATS],
+                joined["stats"],
                 margin_pool | "PoolCounts" >> beam.Map(_pool_stats),
-                selection | "SelectedCounts" >> beam.Map(_selection_stats),
+                cut["selection"] | "SelectedCounts" >> beam.Map(_selection_stats),
             )
             | "FlattenCounts" >> beam.Flatten()
             | "MergeCounts" >> beam.CombineGlobally(_MergeStatsFn()).without_defaults()
         )
-        stats = pipeline | "StatsSeed" >> beam.Create([None]) | "AssembleStats" >> beam.Map(
+        stats = scores.pipeline | "StatsSeed" >> beam.Create([None]) | "AssembleStats" >> beam.Map(
             self._assemble_stats, AsSingleton(counts, default_value={}),
-            AsSingleton(offsets, default_value=_NO_OFFSETS), AsSingleton(picks, default_value=None),
+            AsSingleton(cut["offsets"], default_value=_NO_OFFSETS), AsSingleton(cut["picks"], default_value=None),
             AsSingleton(below_median, default_value=None))
-        return {"selection": selection, "rejected": scored[impl.ScoreBlockFn.REJECTED], "stats": stats}
+        return {"selection": cut["selection"], "rejected": scored[impl.ScoreBlockFn.REJECTED], "stats": stats}
 
     def _assemble_stats(self, _, merged: Dict[str, int], offsets: sk.BucketOffsets,
                         picks: Optional[sk.PickArrays], below_median: Optional[np.ndarray]) -> Dict:

@@ -33,7 +33,9 @@ import pyarrow.compute as pc
 from cm_beam.selection import kernels as sk
 from cm_beam.selection import uncertainty as unc
 from cm_beam.errors import InputError
+from cm_beam.grouping import split_by_tag
 from cm_beam.hashing import derive, id_hash
+from cm_beam.selection.options import STRATEGIES
 
 # Salts separate the independent uses of the seed (docs/design.md, "Determinism and
 # hashing"): ties and picks are different seeded permutations; join buckets and
@@ -43,7 +45,10 @@ PICK_SALT = 2
 JOIN_SALT = 3
 UNCLUSTERED_SALT = 4
 
-STRATEGIES = ("cluster_margin", "margin", "random")
+# What meets in a join bucket: scored rows, ids of rows pruned before the join
+# (`route_scores`), cluster rows and exclusion rows.
+JOIN_TAGS = ("scores", "pruned", "clusters", "exclude")
+
 
 # `id_hash` is the unseeded hash of example_id, computed once and carried along:
 # every seeded hash (join bucket, tie-break, pick order) is derived from it.
@@ -297,9 +302,7 @@ class JoinBucketFn(beam.DoFn):
 
     def process(self, element):
         _, tagged = element
-        parts: Dict[str, List[pa.RecordBatch]] = {"scores": [], "pruned": [], "clusters": [], "exclude": []}
-        for tag, batch in tagged:
-            parts[tag].append(batch)
+        parts = dict(zip(JOIN_TAGS, split_by_tag(tagged, *JOIN_TAGS)))
         scores = concat_batches(parts["scores"], SCORED_SCHEMA)
         clusters = pa.Table.from_batches(parts["clusters"]) if parts["clusters"] else None
         ids = scores.column(0)

@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 UNCERTAINTIES = ("margin", "entropy", "least_confidence")
+# How per-class multi-label margins reduce to one score (`multilabel_margin`).
+MULTILABEL_REDUCES = ("min", "mean")
 # Scores for which a larger value means more uncertain.
 _LARGER_IS_UNCERTAIN = {"entropy": True, "least_confidence": True, "margin": False}
 SUM_TOLERANCE = 1e-3
