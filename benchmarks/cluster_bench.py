@@ -14,6 +14,11 @@
 (d) blas_threads: (a)'s pool at eps 0.3, 2 worker processes, alternating runs with
     cm_beam.runtime.worker_threads' BLAS threads per worker (cores // workers) and with every
     worker using all cores' threads: medians of wall time and kNN stage time.
+(e) ivf_fidelity: all 60K Fashion-MNIST training images (as (a), PCA-64 fit on them), 2
+    workers. At eps 0.1, 0.2, 0.3: cm-cluster with exact kNN candidates, then with ivf at
+    the default --num_probes and at --num_probes 2, and (--baseline_commit) the ivf of an
+    earlier commit (its code from `git archive`): the partition's ARI against the exact
+    one (numpy, `adjusted_rand_index`), the manifest's recall@k, rounds, wall time.
 
 Every measured run is a separate child process; peak memory is the largest sum of
 RSS over the child's whole process tree (Beam worker processes included), polled
@@ -23,6 +28,7 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part synthetic --sizes 250000,1000000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part blas_threads
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part ivf_fidelity --baseline_commit 4b26a8c
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -101,12 +107,12 @@ def write_pool(x: np.ndarray, directory: str, rows_per_file: int = 100_000) -> s
 
 # --- measuring child processes ----------------------------------------------------------
 
-def measure(cmd, poll: float = 0.2, env=None):
+def measure(cmd, poll: float = 0.2, env=None, cwd=ROOT):
     """Runs cmd; returns (wall seconds, peak RSS of its process tree in bytes, stdout)."""
     import psutil
 
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
     out_chunks = []
@@ -171,6 +177,33 @@ def _read_clusters(out_dir, n):
     labels = np.empty(n, np.int64)
     labels[[int(i.split("-")[1]) for i in ids]] = cid
     return labels
+
+
+def adjusted_rand_index(a, b) -> float:
+    """Adjusted Rand index of two labelings (Hubert and Arabie), from their contingency
+    table in numpy (sklearn need not be installed). 1.0 when both are one cluster or
+    both all singletons (no pair to disagree on), as sklearn."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"labelings of different shapes {a.shape}, {b.shape}")
+    n = len(a)
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    # Contingency cells: counts of each (a label, b label) pair present.
+    _, cells = np.unique(ai.astype(np.int64) * (int(bi.max(initial=0)) + 1) + bi, return_counts=True)
+
+    def pairs(counts):
+        counts = np.asarray(counts, np.float64)
+        return float((counts * (counts - 1) / 2).sum())
+
+    index = pairs(cells)
+    rows, cols = pairs(np.bincount(ai)), pairs(np.bincount(bi))
+    total = n * (n - 1) / 2
+    expected = rows * cols / total if total else 0.0
+    top = (rows + cols) / 2
+    if top == expected:
+        return 1.0
+    return (index - expected) / (top - expected)
 
 
 def cm_cluster_cmd(pattern, out_dir, eps, extra=()):
@@ -260,6 +293,72 @@ def run_blas_threads(n: int, eps: float, workdir: str, repeats: int):
                                                     / med["per_worker_share"]["knn_stage_seconds"], 3)}
 
 
+def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_path: str, command: str):
+    """Exact vs ivf kNN candidates on real embeddings, side by side at each eps: the
+    partition's ARI against the exact-candidate one, recall@k, rounds, wall time. Each
+    eps's rows are saved as soon as they exist (runs are minutes each)."""
+    from cm_beam.clustering.build_clusters import DEFAULT_NUM_PROBES
+
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    variants = [("exact", [], ["--knn_mode", "exact"]),
+                (f"ivf_default_probes_{DEFAULT_NUM_PROBES}", [], ["--knn_mode", "ivf"]),
+                ("ivf_probes_2", [], ["--knn_mode", "ivf", "--num_probes", "2"])]
+    baseline = None
+    if baseline_commit:
+        full = subprocess.run(["git", "rev-parse", baseline_commit], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        baseline = os.path.join(workdir, f"baseline_{full[:12]}")
+        if not os.path.isdir(baseline):
+            os.makedirs(baseline)
+            archive = subprocess.run(["git", "archive", full], cwd=ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", baseline], input=archive, check=True)
+        variants.append((f"ivf_at_{full[:12]}", ["baseline"], ["--knn_mode", "ivf"]))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "cm_beam", "pipelines"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    result = {"n": n, "dims": 64, "metric": "cosine", "workers": 2, "commit": head, "code_dirty": dirty,
+              "baseline_commit": baseline_commit and full, "variants": [v[0] for v in variants],
+              "default_num_probes": DEFAULT_NUM_PROBES, "per_eps": [], "command": command}
+    for eps in eps_list:
+        row, labels = {"eps": eps}, {}
+        for name, where, flags in variants:
+            out_dir = os.path.join(workdir, f"fid_{name}_{eps}")
+            cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
+            if where:
+                # The earlier commit's code: its tree is the working directory (Beam's worker
+                # processes put theirs first on the path) and the whole PYTHONPATH.
+                env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
+            wall, peak, _ = measure(cmd, env=env, cwd=cwd)
+            man = json.load(open(os.path.join(out_dir, "manifest.json")))
+            labels[name] = _read_clusters(out_dir, n)
+            row[name] = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                         "rounds": man["rounds"], "clusters": man["clusters"],
+                         "largest_cluster": man["largest_cluster"], "knn_recall": man["knn_recall"],
+                         "num_partitions": man["parameters"]["num_partitions_used"],
+                         "num_probes": man["parameters"]["num_probes"],
+                         "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                         "pipeline_seconds": man["timings"].get("pipeline_seconds")}
+            if name != "exact":
+                row[name]["ari_vs_exact"] = round(adjusted_rand_index(labels["exact"], labels[name]), 4)
+            print(json.dumps({"eps": eps, name: row[name]}), flush=True)
+        result["per_eps"].append(row)
+        _save_part(results_path, "ivf_fidelity", dict(result, machine=_machine()))
+    return result
+
+
+def _machine():
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _save_part(path, part, result):
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    results[part] = result
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+
+
 def run_synthetic(sizes, eps: float, workdir: str, extra):
     from sklearn.metrics import adjusted_rand_score
 
@@ -323,9 +422,13 @@ def run_crossover(sizes, eps: float, workdir: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads"), required=True)
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "ivf_fidelity"),
+                   required=True)
     p.add_argument("--repeats", type=int, default=3, help="Alternating runs per variant (part blas_threads).")
-    p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
+    p.add_argument("--n", type=int, default=None,
+                   help="Fashion-MNIST images (parts fashion, blas_threads: 20,000; ivf_fidelity: 60,000).")
+    p.add_argument("--baseline_commit", default=None,
+                   help="Part ivf_fidelity: also run the ivf kNN of this commit (the earlier candidate rule).")
     p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
     p.add_argument("--sizes", default="250000,1000000", help="Pool sizes (part synthetic).")
     p.add_argument("--synthetic_eps", type=float, default=0.1, help="Threshold (part synthetic, cosine).")
@@ -334,22 +437,21 @@ def main():
     args, extra = p.parse_known_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="cm_cluster_bench_")
     command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    n = args.n or (60_000 if args.part == "ivf_fidelity" else 20_000)
     if args.part == "fashion":
-        result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
+        result = run_fashion(n, [float(e) for e in args.eps.split(",")], workdir)
     elif args.part == "blas_threads":
-        result = run_blas_threads(args.n, 0.3, workdir, args.repeats)
+        result = run_blas_threads(n, 0.3, workdir, args.repeats)
+    elif args.part == "ivf_fidelity":
+        result = run_ivf_fidelity(n, [float(e) for e in args.eps.split(",")], workdir, args.baseline_commit,
+                                  args.results, command)
     elif args.part == "crossover":
         result = run_crossover([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir)
     else:
         result = run_synthetic([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
     result["command"] = command
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
-    results[args.part] = result
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    result["machine"] = _machine()
+    _save_part(args.results, args.part, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_eps", "rows")}, indent=1))
 
 

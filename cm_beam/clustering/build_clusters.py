@@ -64,7 +64,10 @@ KNN_MODES = ("auto", "exact", "ivf")
 DEFAULT_EXACT_MAX_POINTS = 50_000
 DEFAULT_NUM_NEIGHBORS = 100
 DEFAULT_NUM_SHARDS = 16
-DEFAULT_NUM_PROBES = 2
+# IVF cells a point searches at most (its own and the nearest boundaries that its own
+# k-th distance allows): on all 60K Fashion-MNIST images 6 gave the exact-candidate
+# partition (benchmarks/results/cluster.json, `ivf_fidelity`).
+DEFAULT_NUM_PROBES = 6
 DEFAULT_POINTS_PER_PARTITION = 1000
 DEFAULT_MAX_ROUNDS = 16
 DEFAULT_MAX_INMEMORY_EDGES = 2_000_000
