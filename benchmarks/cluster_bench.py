@@ -312,37 +312,42 @@ def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_pa
             os.makedirs(baseline)
             archive = subprocess.run(["git", "archive", full], cwd=ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", baseline], input=archive, check=True)
-        variants.append((f"ivf_at_{full[:12]}", ["baseline"], ["--knn_mode", "ivf"]))
+        variants.insert(2, (f"ivf_at_{full[:12]}", ["baseline"], ["--knn_mode", "ivf"]))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "cm_beam", "pipelines"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
     result = {"n": n, "dims": 64, "metric": "cosine", "workers": 2, "commit": head, "code_dirty": dirty,
               "baseline_commit": baseline_commit and full, "variants": [v[0] for v in variants],
               "default_num_probes": DEFAULT_NUM_PROBES, "per_eps": [], "command": command}
-    for eps in eps_list:
-        row, labels = {"eps": eps}, {}
-        for name, where, flags in variants:
-            out_dir = os.path.join(workdir, f"fid_{name}_{eps}")
-            cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
-            if where:
-                # The earlier commit's code: its tree is the working directory (Beam's worker
-                # processes put theirs first on the path) and the whole PYTHONPATH.
-                env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
-            wall, peak, _ = measure(cmd, env=env, cwd=cwd)
-            man = json.load(open(os.path.join(out_dir, "manifest.json")))
-            labels[name] = _read_clusters(out_dir, n)
-            row[name] = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
-                         "rounds": man["rounds"], "clusters": man["clusters"],
-                         "largest_cluster": man["largest_cluster"], "knn_recall": man["knn_recall"],
-                         "num_partitions": man["parameters"]["num_partitions_used"],
-                         "num_probes": man["parameters"]["num_probes"],
-                         "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
-                         "pipeline_seconds": man["timings"].get("pipeline_seconds")}
-            if name != "exact":
-                row[name]["ari_vs_exact"] = round(adjusted_rand_index(labels["exact"], labels[name]), 4)
-            print(json.dumps({"eps": eps, name: row[name]}), flush=True)
-        result["per_eps"].append(row)
-        _save_part(results_path, "ivf_fidelity", dict(result, machine=_machine()))
+    rows = {eps: {"eps": eps} for eps in eps_list}
+    result["per_eps"] = [rows[eps] for eps in eps_list]
+    labels = {}
+    # Exact and default ivf first, side by side at each eps; the comparisons after them.
+    for phase in (variants[:2], variants[2:]):
+        for eps in eps_list:
+            for name, where, flags in phase:
+                out_dir = os.path.join(workdir, f"fid_{name}_{eps}")
+                cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
+                if where:
+                    # The earlier commit's code: its tree is the working directory (Beam's worker
+                    # processes put theirs first on the path) and the whole PYTHONPATH.
+                    env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
+                wall, peak, _ = measure(cmd, env=env, cwd=cwd)
+                man = json.load(open(os.path.join(out_dir, "manifest.json")))
+                labels[name, eps] = _read_clusters(out_dir, n)
+                rec = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                       "rounds": man["rounds"], "clusters": man["clusters"],
+                       "largest_cluster": man["largest_cluster"], "knn_recall": man["knn_recall"],
+                       "num_partitions": man["parameters"]["num_partitions_used"],
+                       "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                       "pipeline_seconds": man["timings"].get("pipeline_seconds"),
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if name != "exact":
+                    rec["num_probes"] = man["parameters"]["num_probes"]
+                    rec["ari_vs_exact"] = round(adjusted_rand_index(labels["exact", eps], labels[name, eps]), 4)
+                rows[eps][name] = rec
+                print(json.dumps({"eps": eps, name: rec}), flush=True)
+                _save_part(results_path, "ivf_fidelity", dict(result, machine=_machine()))
     return result
 
 
