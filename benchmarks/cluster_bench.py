@@ -20,6 +20,8 @@
     earlier commit (its code from `git archive`): the partition's ARI against the exact
     one (numpy, `adjusted_rand_index`), the manifest's recall@k, rounds, wall time.
 
+(f) ivf_timing: (e)'s pool at the first --eps: exact, default ivf and the --baseline_commit
+    ivf in --repeats alternating rounds (one load for all): median wall times, ratios.
 Every measured run is a separate child process; peak memory is the largest sum of
 RSS over the child's whole process tree (Beam worker processes included), polled
 every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine):
@@ -29,6 +31,7 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part blas_threads
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part ivf_fidelity --baseline_commit 4b26a8c
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part ivf_timing --eps 0.2 --repeats 2 --baseline_commit 4b26a8c
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -293,17 +296,16 @@ def run_blas_threads(n: int, eps: float, workdir: str, repeats: int):
                                                     / med["per_worker_share"]["knn_stage_seconds"], 3)}
 
 
-def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_path: str, command: str):
-    """Exact vs ivf kNN candidates on real embeddings, side by side at each eps: the
-    partition's ARI against the exact-candidate one, recall@k, rounds, wall time. Each
-    eps's rows are saved as soon as they exist (runs are minutes each)."""
+def _candidate_variants(workdir, baseline_commit):
+    """[(name, where, cm-cluster flags)]: exact, ivf at the default --num_probes, (the ivf of
+    `baseline_commit`, its tree extracted with `git archive`), ivf at --num_probes 2; the
+    baseline's tree and full commit (None without one)."""
     from cm_beam.clustering.build_clusters import DEFAULT_NUM_PROBES
 
-    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
     variants = [("exact", [], ["--knn_mode", "exact"]),
                 (f"ivf_default_probes_{DEFAULT_NUM_PROBES}", [], ["--knn_mode", "ivf"]),
                 ("ivf_probes_2", [], ["--knn_mode", "ivf", "--num_probes", "2"])]
-    baseline = None
+    baseline = full = None
     if baseline_commit:
         full = subprocess.run(["git", "rev-parse", baseline_commit], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -313,6 +315,51 @@ def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_pa
             archive = subprocess.run(["git", "archive", full], cwd=ROOT, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", baseline], input=archive, check=True)
         variants.insert(2, (f"ivf_at_{full[:12]}", ["baseline"], ["--knn_mode", "ivf"]))
+    return variants, baseline, full
+
+
+def _run_variant(pattern, out_dir, eps, where, flags, baseline):
+    """One cm-cluster run: (wall seconds, peak RSS bytes, manifest)."""
+    cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
+    if where:
+        # The earlier commit's code: its tree is the working directory (Beam's worker
+        # processes put theirs first on the path) and the whole PYTHONPATH.
+        env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
+    wall, peak, _ = measure(cmd, env=env, cwd=cwd)
+    return wall, peak, json.load(open(os.path.join(out_dir, "manifest.json")))
+
+
+def run_ivf_timing(n: int, eps: float, workdir: str, baseline_commit, repeats: int):
+    """Wall time of exact, default ivf and (baseline_commit) the earlier ivf on the 60K
+    pool at one eps, in alternating rounds so all see the same load: medians, ratios."""
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    variants, baseline, full = _candidate_variants(workdir, baseline_commit)
+    variants = [v for v in variants if v[0] != "ivf_probes_2"]
+    runs = {name: [] for name, _, _ in variants}
+    for _ in range(repeats):
+        for name, where, flags in variants:
+            wall, peak, man = _run_variant(pattern, os.path.join(workdir, f"time_{name}"), eps, where, flags, baseline)
+            runs[name].append({"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                               "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                               "rounds": man["rounds"]})
+            print(name, runs[name][-1], flush=True)
+    med = {name: float(np.median([r["wall_seconds"] for r in rs])) for name, rs in runs.items()}
+    default = variants[1][0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"n": n, "eps": eps, "workers": 2, "repeats": repeats, "commit": head, "baseline_commit": full,
+            "runs": runs, "median_wall_seconds": med,
+            "wall_ratio_default_ivf_over": {name: round(med[default] / m, 3) for name, m in med.items()
+                                            if name != default}}
+
+
+def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_path: str, command: str):
+    """Exact vs ivf kNN candidates on real embeddings, side by side at each eps: the
+    partition's ARI against the exact-candidate one, recall@k, rounds, wall time. Each
+    eps's rows are saved as soon as they exist (runs are minutes each)."""
+    from cm_beam.clustering.build_clusters import DEFAULT_NUM_PROBES
+
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    variants, baseline, full = _candidate_variants(workdir, baseline_commit)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "cm_beam", "pipelines"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
@@ -327,13 +374,7 @@ def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_pa
         for eps in eps_list:
             for name, where, flags in phase:
                 out_dir = os.path.join(workdir, f"fid_{name}_{eps}")
-                cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
-                if where:
-                    # The earlier commit's code: its tree is the working directory (Beam's worker
-                    # processes put theirs first on the path) and the whole PYTHONPATH.
-                    env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
-                wall, peak, _ = measure(cmd, env=env, cwd=cwd)
-                man = json.load(open(os.path.join(out_dir, "manifest.json")))
+                wall, peak, man = _run_variant(pattern, out_dir, eps, where, flags, baseline)
                 labels[name, eps] = _read_clusters(out_dir, n)
                 rec = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
                        "rounds": man["rounds"], "clusters": man["clusters"],
@@ -344,7 +385,7 @@ def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_pa
                        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 if name != "exact":
                     rec["num_probes"] = man["parameters"]["num_probes"]
-                    rec["ari_vs_exact"] = round(adjusted_rand_index(labels["exact", eps], labels[name, eps]), 4)
+                    rec["ari_vs_exact"] = round(adjusted_rand_index(labels["exact", eps], labels[name, eps]), 6)
                 rows[eps][name] = rec
                 print(json.dumps({"eps": eps, name: rec}), flush=True)
                 _save_part(results_path, "ivf_fidelity", dict(result, machine=_machine()))
@@ -427,7 +468,8 @@ def run_crossover(sizes, eps: float, workdir: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "ivf_fidelity"),
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "ivf_fidelity",
+                                      "ivf_timing"),
                    required=True)
     p.add_argument("--repeats", type=int, default=3, help="Alternating runs per variant (part blas_threads).")
     p.add_argument("--n", type=int, default=None,
@@ -442,11 +484,13 @@ def main():
     args, extra = p.parse_known_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="cm_cluster_bench_")
     command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
-    n = args.n or (60_000 if args.part == "ivf_fidelity" else 20_000)
+    n = args.n or (60_000 if args.part in ("ivf_fidelity", "ivf_timing") else 20_000)
     if args.part == "fashion":
         result = run_fashion(n, [float(e) for e in args.eps.split(",")], workdir)
     elif args.part == "blas_threads":
         result = run_blas_threads(n, 0.3, workdir, args.repeats)
+    elif args.part == "ivf_timing":
+        result = run_ivf_timing(n, float(args.eps.split(",")[0]), workdir, args.baseline_commit, args.repeats)
     elif args.part == "ivf_fidelity":
         result = run_ivf_fidelity(n, [float(e) for e in args.eps.split(",")], workdir, args.baseline_commit,
                                   args.results, command)
