@@ -202,8 +202,6 @@ def _ivf_cell_topk(kv, centroids, k, metric, max_dist, num_probes, sample):
             radius[hit] = np.maximum(radius[hit], kk.euclidean_radius(kk.kth_distance(snd), metric, sq[hit]))
         own = np.full(len(ids), cell, np.int64)
         probes = kk.probe_cells(vecs, centroids, own, radius, num_probes)
-        is_sample = np.zeros(len(ids), bool)
-        is_sample[hit] = True
         sample_pos = np.full(len(ids), -1, np.int64)
         sample_pos[hit] = pos
         src, dst, dist = kk.dense_to_edges(ids, nb, nd)
