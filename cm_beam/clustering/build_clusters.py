@@ -509,8 +509,8 @@ class BuildClusters(beam.PTransform):
                 raise InputError(f"{flag} must be an integer >= {low}, got {value!r}")
         if num_shards > hk.MAX_SHARDS:
             raise InputError(f"--num_shards must be <= {hk.MAX_SHARDS}, got {num_shards}")
-        if num_partitions and num_probes > num_partitions:
-            raise InputError(f"--num_probes ({num_probes}) must be <= --num_partitions ({num_partitions})")
+        # --num_probes caps the partitions a point searches: above --num_partitions it means
+        # every partition the boundary bound allows (exact search), not an error.
         # A known bound on the pool (e.g. from file metadata) can rule distributed
         # rounds out: the kNN graph has at most n * k edges. Not unrolling them saves
         # the fixed cost of ~6 empty stages per round on small pools.
