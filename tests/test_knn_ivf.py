@@ -178,6 +178,47 @@ def test_ivf_recall_on_clustered_data_against_brute_force():
     assert len(got_pairs & want_pairs) >= 0.995 * len(want_pairs)
 
 
+def _ivf_graph(tmp_path, x, ids, shards, cents, k, metric, max_dist, sample):
+    """KnnGraph's ivf mode with num_probes = the number of cells: (sorted edges, recall)."""
+    blocks = [(int(s), {"ids": ids[shards == s], "vecs": x[shards == s], "normalise": False})
+              for s in np.unique(shards)]
+
+    def save(value, name):
+        with open(str(tmp_path / name), "wb") as f:
+            pickle.dump(value, f)
+
+    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(beam_args(1))) as p:
+        graph = p | beam.Create(blocks) | KnnGraph(
+            k, metric, "ivf", num_shards=int(shards.max()) + 1, num_probes=len(cents), max_dist=max_dist,
+            centroids=beam.pvalue.AsSingleton(p | "C" >> beam.Create([cents])),
+            sample=beam.pvalue.AsSingleton(p | "S" >> beam.Create([sample])))
+        graph["edges"] | beam.combiners.ToList() | beam.Map(save, "edges.pkl")
+        graph["recall"] | "R" >> beam.Map(save, "recall.pkl")
+    edges = pickle.load(open(str(tmp_path / "edges.pkl"), "rb"))
+    recall = pickle.load(open(str(tmp_path / "recall.pkl"), "rb"))
+    assert all((hk.shard_of(e["src"]) == s).all() for s, e in edges)
+    return _sorted(*[np.concatenate([e[name] for _, e in edges]) for name in ("src", "dst", "dist")]), recall
+
+
+def test_knn_graph_ivf_searches_a_cell_none_of_whose_points_search_out(tmp_path):
+    """A tight cell (every point's k-th distance tiny: it searches nowhere) and a sparse one
+    of fewer than k points (unbounded: it searches everywhere): the sparse points' lists
+    need the tight cell's points, which must reach that search anyway."""
+    rng = np.random.default_rng(3)
+    tight = np.array([1.0, 0, 0, 0]) + 0.01 * rng.normal(size=(200, 4))
+    sparse = np.array([0, 1.0, 0, 0]) + 0.5 * rng.normal(size=(5, 4))
+    x = kk.normalise_rows(np.concatenate([tight, sparse]))[0].astype(np.float32)
+    cents = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]], np.float32)
+    own = kk.nearest_centroids(x, cents, 1)[:, 0]
+    assert (own[:200] == 0).all() and (own[200:] == 1).sum() >= 3
+    n, k = len(x), 10
+    ids = hk.make_ids(np.zeros(n, np.int64), rng.choice(1 << 40, n, replace=False).astype(np.uint64) << np.uint64(24))
+    sample = {"ids": np.zeros(0, np.int64), "vecs": np.zeros((0, 4), np.float32)}
+    got, _ = _ivf_graph(tmp_path, x, ids, np.zeros(n, np.int64), cents, k, "cosine", np.inf, sample)
+    want = _sorted(*kk.dense_to_edges(ids, *kk.block_topk(x, ids, x, ids, k, "cosine")))
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("metric,max_dist", [("cosine", 0.35), ("sqeuclidean", np.inf)])
 def test_knn_graph_ivf_with_every_cell_allowed_equals_brute_force(tmp_path, metric, max_dist):
     """The Beam ivf path (assign, own cell, probes, merge per shard) with num_probes =
@@ -193,23 +234,7 @@ def test_knn_graph_ivf_with_every_cell_allowed_equals_brute_force(tmp_path, metr
     low = hk.hash_part(ids[sample_rows])
     order = np.argsort(low)
     sample = {"ids": low[order], "vecs": x[sample_rows][order]}
-    blocks = [(int(s), {"ids": ids[shards == s], "vecs": x[shards == s], "normalise": False}) for s in range(3)]
-
-    def save(value, name):
-        with open(str(tmp_path / name), "wb") as f:
-            pickle.dump(value, f)
-
-    with beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(beam_args(1))) as p:
-        graph = p | beam.Create(blocks) | KnnGraph(
-            k, metric, "ivf", num_shards=3, num_probes=len(cents), max_dist=max_dist,
-            centroids=beam.pvalue.AsSingleton(p | "C" >> beam.Create([cents])),
-            sample=beam.pvalue.AsSingleton(p | "S" >> beam.Create([sample])))
-        graph["edges"] | beam.combiners.ToList() | beam.Map(save, "edges.pkl")
-        graph["recall"] | "R" >> beam.Map(save, "recall.pkl")
-    edges = pickle.load(open(str(tmp_path / "edges.pkl"), "rb"))
-    recall = pickle.load(open(str(tmp_path / "recall.pkl"), "rb"))
-    assert all((hk.shard_of(e["src"]) == s).all() for s, e in edges)
-    got = _sorted(*[np.concatenate([e[name] for _, e in edges]) for name in ("src", "dst", "dist")])
+    got, recall = _ivf_graph(tmp_path, x, ids, shards, cents, k, metric, max_dist, sample)
     want = _sorted(*kk.dense_to_edges(ids, *kk.block_topk(x, ids, x, ids, k, metric, max_dist)))
     assert len(got[0]) == len(want[0]) > n
     assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])

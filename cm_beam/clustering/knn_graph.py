@@ -207,8 +207,7 @@ def _ivf_cell_topk(kv, centroids, k, metric, max_dist, num_probes, sample):
         src, dst, dist = kk.dense_to_edges(ids, nb, nd)
     for item in _split_by_shard(src, dst, dist):
         yield beam.pvalue.TaggedOutput("edges", item)
-    if not (probes >= 0).any():
-        return
+    # Always: points of other cells may search this one even if none of its own search out.
     yield cell, ("data", {"ids": ids, "vecs": vecs})
     flat = probes.ravel()
     rows = np.repeat(np.arange(len(ids)), probes.shape[1])
@@ -216,7 +215,7 @@ def _ivf_cell_topk(kv, centroids, k, metric, max_dist, num_probes, sample):
     flat, rows = flat[keep], rows[keep]
     order = np.argsort(flat, kind="stable")
     flat, rows = flat[order], rows[order]
-    for seg in np.split(np.arange(len(flat)), np.flatnonzero(np.diff(flat)) + 1):
+    for seg in np.split(np.arange(len(flat)), np.flatnonzero(np.diff(flat)) + 1) if len(flat) else []:
         r = rows[seg]
         yield int(flat[seg[0]]), ("query", {"ids": ids[r], "vecs": vecs[r], "bound": bound[r],
                                             "sample_pos": sample_pos[r]})
