@@ -16,7 +16,14 @@
 (d) blas_threads: (a)'s pool at eps 0.3, 2 worker processes, alternating runs with
     cm_beam.runtime.worker_threads' BLAS threads per worker (cores // workers) and with every
     worker using all cores' threads: medians of wall time and kNN stage time.
+(e) ivf_fidelity: all 60K Fashion-MNIST training images (as (a), PCA-64 fit on them), 2
+    workers. At eps 0.1, 0.2, 0.3: cm-cluster with exact kNN candidates, then with ivf at
+    the default --num_probes and at --num_probes 2, and (--baseline_commit) the ivf of an
+    earlier commit (its code from `git archive`): the partition's ARI against the exact
+    one (numpy, `adjusted_rand_index`), the manifest's recall@k, rounds, wall time.
 
+(f) ivf_timing: (e)'s pool at the first --eps: exact, default ivf and the --baseline_commit
+    ivf in --repeats alternating rounds (one load for all): median wall times, ratios.
 Every measured run is a separate child process; peak memory is the largest sum of
 RSS over the child's whole process tree (Beam worker processes included), polled
 every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine):
@@ -26,6 +33,8 @@ every 0.2 s with psutil. Run it under `flock /tmp/cm-bench.lock` (shared machine
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part crossover --sizes 25000,50000,100000
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part blas_threads
     flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part extend --sizes 1000000
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part ivf_fidelity --baseline_commit 4b26a8c
+    flock /tmp/cm-bench.lock .venv/bin/python benchmarks/cluster_bench.py --part ivf_timing --eps 0.2 --repeats 2 --baseline_commit 4b26a8c
 
 Results are merged into benchmarks/results/cluster.json (one key per part) with the
 exact command that produced them.
@@ -104,12 +113,12 @@ def write_pool(x: np.ndarray, directory: str, rows_per_file: int = 100_000) -> s
 
 # --- measuring child processes ----------------------------------------------------------
 
-def measure(cmd, poll: float = 0.2, env=None):
+def measure(cmd, poll: float = 0.2, env=None, cwd=ROOT):
     """Runs cmd; returns (wall seconds, peak RSS of its process tree in bytes, stdout)."""
     import psutil
 
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     ps = psutil.Process(proc.pid)
     peak = 0
     out_chunks = []
@@ -174,6 +183,33 @@ def _read_clusters(out_dir, n):
     labels = np.empty(n, np.int64)
     labels[[int(i.split("-")[1]) for i in ids]] = cid
     return labels
+
+
+def adjusted_rand_index(a, b) -> float:
+    """Adjusted Rand index of two labelings (Hubert and Arabie), from their contingency
+    table in numpy (sklearn need not be installed). 1.0 when both are one cluster or
+    both all singletons (no pair to disagree on), as sklearn."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"labelings of different shapes {a.shape}, {b.shape}")
+    n = len(a)
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    # Contingency cells: counts of each (a label, b label) pair present.
+    _, cells = np.unique(ai.astype(np.int64) * (int(bi.max(initial=0)) + 1) + bi, return_counts=True)
+
+    def pairs(counts):
+        counts = np.asarray(counts, np.float64)
+        return float((counts * (counts - 1) / 2).sum())
+
+    index = pairs(cells)
+    rows, cols = pairs(np.bincount(ai)), pairs(np.bincount(bi))
+    total = n * (n - 1) / 2
+    expected = rows * cols / total if total else 0.0
+    top = (rows + cols) / 2
+    if top == expected:
+        return 1.0
+    return (index - expected) / (top - expected)
 
 
 def cm_cluster_cmd(pattern, out_dir, eps, extra=()):
@@ -261,6 +297,115 @@ def run_blas_threads(n: int, eps: float, workdir: str, repeats: int):
                                                      / med["per_worker_share"]["wall_seconds"], 3),
             "knn_ratio_all_cores_over_share": round(med["all_cores_each"]["knn_stage_seconds"]
                                                     / med["per_worker_share"]["knn_stage_seconds"], 3)}
+
+
+def _candidate_variants(workdir, baseline_commit):
+    """[(name, where, cm-cluster flags)]: exact, ivf at the default --num_probes, (the ivf of
+    `baseline_commit`, its tree extracted with `git archive`), ivf at --num_probes 2; the
+    baseline's tree and full commit (None without one)."""
+    from cm_beam.clustering.build_clusters import DEFAULT_NUM_PROBES
+
+    variants = [("exact", [], ["--knn_mode", "exact"]),
+                (f"ivf_default_probes_{DEFAULT_NUM_PROBES}", [], ["--knn_mode", "ivf"]),
+                ("ivf_probes_2", [], ["--knn_mode", "ivf", "--num_probes", "2"])]
+    baseline = full = None
+    if baseline_commit:
+        full = subprocess.run(["git", "rev-parse", baseline_commit], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        baseline = os.path.join(workdir, f"baseline_{full[:12]}")
+        if not os.path.isdir(baseline):
+            os.makedirs(baseline)
+            archive = subprocess.run(["git", "archive", full], cwd=ROOT, capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", baseline], input=archive, check=True)
+        variants.insert(2, (f"ivf_at_{full[:12]}", ["baseline"], ["--knn_mode", "ivf"]))
+    return variants, baseline, full
+
+
+def _run_variant(pattern, out_dir, eps, where, flags, baseline):
+    """One cm-cluster run: (wall seconds, peak RSS bytes, manifest)."""
+    cmd, env, cwd = cm_cluster_cmd(pattern, out_dir, eps, flags), None, ROOT
+    if where:
+        # The earlier commit's code: its tree is the working directory (Beam's worker
+        # processes put theirs first on the path) and the whole PYTHONPATH.
+        env, cwd = dict(os.environ, PYTHONPATH=baseline), baseline
+    wall, peak, _ = measure(cmd, env=env, cwd=cwd)
+    return wall, peak, json.load(open(os.path.join(out_dir, "manifest.json")))
+
+
+def run_ivf_timing(n: int, eps: float, workdir: str, baseline_commit, repeats: int):
+    """Wall time of exact, default ivf and (baseline_commit) the earlier ivf on the 60K
+    pool at one eps, in alternating rounds so all see the same load: medians, ratios."""
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    variants, baseline, full = _candidate_variants(workdir, baseline_commit)
+    variants = [v for v in variants if v[0] != "ivf_probes_2"]
+    runs = {name: [] for name, _, _ in variants}
+    for _ in range(repeats):
+        for name, where, flags in variants:
+            wall, peak, man = _run_variant(pattern, os.path.join(workdir, f"time_{name}"), eps, where, flags, baseline)
+            runs[name].append({"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                               "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                               "rounds": man["rounds"]})
+            print(name, runs[name][-1], flush=True)
+    med = {name: float(np.median([r["wall_seconds"] for r in rs])) for name, rs in runs.items()}
+    default = variants[1][0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"n": n, "eps": eps, "workers": 2, "repeats": repeats, "commit": head, "baseline_commit": full,
+            "runs": runs, "median_wall_seconds": med,
+            "wall_ratio_default_ivf_over": {name: round(med[default] / m, 3) for name, m in med.items()
+                                            if name != default}}
+
+
+def run_ivf_fidelity(n: int, eps_list, workdir: str, baseline_commit, results_path: str, command: str):
+    """Exact vs ivf kNN candidates on real embeddings, side by side at each eps: the
+    partition's ARI against the exact-candidate one, recall@k, rounds, wall time. Each
+    eps's rows are saved as soon as they exist (runs are minutes each)."""
+    from cm_beam.clustering.build_clusters import DEFAULT_NUM_PROBES
+
+    pattern = write_pool(fashion_embeddings(n), os.path.join(workdir, "fashion_pool"))
+    variants, baseline, full = _candidate_variants(workdir, baseline_commit)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "cm_beam", "pipelines"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    result = {"n": n, "dims": 64, "metric": "cosine", "workers": 2, "commit": head, "code_dirty": dirty,
+              "baseline_commit": baseline_commit and full, "variants": [v[0] for v in variants],
+              "default_num_probes": DEFAULT_NUM_PROBES, "per_eps": [], "command": command}
+    rows = {eps: {"eps": eps} for eps in eps_list}
+    result["per_eps"] = [rows[eps] for eps in eps_list]
+    labels = {}
+    # Exact and default ivf first, side by side at each eps; the comparisons after them.
+    for phase in (variants[:2], variants[2:]):
+        for eps in eps_list:
+            for name, where, flags in phase:
+                out_dir = os.path.join(workdir, f"fid_{name}_{eps}")
+                wall, peak, man = _run_variant(pattern, out_dir, eps, where, flags, baseline)
+                labels[name, eps] = _read_clusters(out_dir, n)
+                rec = {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak / 2**20, 1),
+                       "rounds": man["rounds"], "clusters": man["clusters"],
+                       "largest_cluster": man["largest_cluster"], "knn_recall": man["knn_recall"],
+                       "num_partitions": man["parameters"]["num_partitions_used"],
+                       "knn_stage_seconds": man["timings"]["stage_seconds"].get("knn"),
+                       "pipeline_seconds": man["timings"].get("pipeline_seconds"),
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if name != "exact":
+                    rec["num_probes"] = man["parameters"]["num_probes"]
+                    rec["ari_vs_exact"] = round(adjusted_rand_index(labels["exact", eps], labels[name, eps]), 6)
+                rows[eps][name] = rec
+                print(json.dumps({"eps": eps, name: rec}), flush=True)
+                _save_part(results_path, "ivf_fidelity", dict(result, machine=_machine()))
+    return result
+
+
+def _machine():
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _save_part(path, part, result):
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    results[part] = result
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
 
 
 def run_synthetic(sizes, eps: float, workdir: str, extra):
@@ -357,9 +502,14 @@ def run_crossover(sizes, eps: float, workdir: str):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "extend"), required=True)
+    p.add_argument("--part", choices=("fashion", "synthetic", "crossover", "blas_threads", "extend", "ivf_fidelity",
+                                      "ivf_timing"),
+                   required=True)
     p.add_argument("--repeats", type=int, default=3, help="Alternating runs per variant (part blas_threads).")
-    p.add_argument("--n", type=int, default=20_000, help="Fashion-MNIST images (part fashion).")
+    p.add_argument("--n", type=int, default=None,
+                   help="Fashion-MNIST images (parts fashion, blas_threads: 20,000; ivf_fidelity: 60,000).")
+    p.add_argument("--baseline_commit", default=None,
+                   help="Part ivf_fidelity: also run the ivf kNN of this commit (the earlier candidate rule).")
     p.add_argument("--eps", default="0.1,0.2,0.3", help="Thresholds (part fashion).")
     p.add_argument("--sizes", default="250000,1000000", help="Pool sizes (part synthetic).")
     p.add_argument("--synthetic_eps", type=float, default=0.1, help="Threshold (part synthetic, cosine).")
@@ -368,24 +518,25 @@ def main():
     args, extra = p.parse_known_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="cm_cluster_bench_")
     command = "flock /tmp/cm-bench.lock .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    n = args.n or (60_000 if args.part in ("ivf_fidelity", "ivf_timing") else 20_000)
     if args.part == "fashion":
-        result = run_fashion(args.n, [float(e) for e in args.eps.split(",")], workdir)
+        result = run_fashion(n, [float(e) for e in args.eps.split(",")], workdir)
     elif args.part == "blas_threads":
-        result = run_blas_threads(args.n, 0.3, workdir, args.repeats)
+        result = run_blas_threads(n, 0.3, workdir, args.repeats)
     elif args.part == "extend":
         result = run_extend([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
+    elif args.part == "ivf_timing":
+        result = run_ivf_timing(n, float(args.eps.split(",")[0]), workdir, args.baseline_commit, args.repeats)
+    elif args.part == "ivf_fidelity":
+        result = run_ivf_fidelity(n, [float(e) for e in args.eps.split(",")], workdir, args.baseline_commit,
+                                  args.results, command)
     elif args.part == "crossover":
         result = run_crossover([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir)
     else:
         result = run_synthetic([int(s) for s in args.sizes.split(",")], args.synthetic_eps, workdir, extra)
     result["command"] = command
-    result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    results = json.load(open(args.results)) if os.path.exists(args.results) else {}
-    results[args.part] = result
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
+    result["machine"] = _machine()
+    _save_part(args.results, args.part, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("per_eps", "rows")}, indent=1))
 
 

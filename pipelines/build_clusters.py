@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_partitions", type=cm_runner.non_negative_int, default=0,
                    help=f"IVF partitions (0: one per {cl.DEFAULT_POINTS_PER_PARTITION} points).")
     p.add_argument("--num_probes", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_PROBES,
-                   help="IVF partitions each point joins (its nearest ones).")
+                   help="ivf: most partitions a point searches: its own, then those across its nearest "
+                        "partition boundaries, only while a boundary is nearer than the k-th neighbour "
+                        "found in its own partition (farther ones cannot hold a nearer point).")
     p.add_argument("--num_shards", type=cm_runner.positive_int, default=cl.DEFAULT_NUM_SHARDS,
                    help="Spatial shards of the cluster state (and exact-kNN blocks).")
     p.add_argument("--max_rounds", type=cm_runner.non_negative_int, default=cl.DEFAULT_MAX_ROUNDS,

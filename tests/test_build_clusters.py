@@ -168,6 +168,24 @@ def test_ivf_recall_against_exact(tmp_path):
 
 
 @pytest.mark.slow
+def test_ivf_with_every_partition_allowed_gives_the_exact_candidate_partition(tmp_path):
+    """cm-cluster end to end: ivf with --num_probes = --num_partitions searches every
+    partition the boundary bound allows, so its clusters are the exact-candidate ones."""
+    x = blobs(1500, k=12, spread=0.5, seed=9)
+    ids = ids_for(len(x))
+    pattern = write_embeddings(str(tmp_path / "in"), x, ids, files=2)
+    labels = {}
+    for mode, flags in (("exact", ["--knn_mode", "exact"]),
+                        ("ivf", ["--knn_mode", "ivf", "--num_partitions", 5, "--num_probes", 5])):
+        manifest = cm_cluster(pattern, tmp_path / mode, 0.3, "--num_neighbors", 15, *flags)
+        assert manifest["parameters"]["knn_mode_used"] == mode
+        labels[mode], _ = read_labels(str(tmp_path / mode), ids)
+    assert manifest["knn_recall"]["recall_at_k"] == 1.0
+    assert same_partition(labels["exact"], labels["ivf"])
+    assert 20 < len(np.unique(labels["exact"])) < len(x) // 2
+
+
+@pytest.mark.slow
 def test_exact_knn_graph_equals_brute_force(tmp_path):
     """Exact mode (own-shard lists, bounded pair candidates, per-shard merge) gives
     each point exactly its brute-force top-k within max_dist, in 2 worker processes."""
@@ -273,7 +291,9 @@ def test_flag_and_directory_errors(tmp_path, capsys):
     with pytest.raises(InputError, match="--distance_threshold"):
         BuildClusters(distance_threshold=2.5, metric="cosine")
     with pytest.raises(InputError, match="--num_probes"):
-        BuildClusters(distance_threshold=0.2, num_partitions=2, num_probes=3)
+        BuildClusters(distance_threshold=0.2, num_probes=0)
+    # A cap above the partition count is no cap (the default 6 with --num_partitions 4).
+    assert BuildClusters(distance_threshold=0.2, num_partitions=4).params["num_probes"] == 6
     pq.write_table(pa.table({"example_id": ["a"], "vec": [[1.0]]}), str(tmp_path / "nocol.parquet"))
     with pytest.raises(InputError, match="nocol.parquet.*embedding"):
         cm_cluster(str(tmp_path / "nocol.parquet"), tmp_path / "o3", 0.2)

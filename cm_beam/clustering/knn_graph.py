@@ -16,11 +16,15 @@ Two modes:
   under those bounds (few, as spatial shards hold most neighbours). A point's own
   list and its candidates are merged per shard. Work n^2 d / 2, data shipped
   num_shards x the pool: for small pools.
-* `ivf`: coarse k-means centroids (computed on a sample, a side input); each point is
-  sent to its `num_probes` nearest partitions, brute force inside each partition,
-  partial lists merged per point. Two points are candidates when they share a
-  partition. The recall of this against exact search is estimated on a fixed sample
-  of query points (`recall` output).
+* `ivf`: coarse k-means centroids (computed on a sample, a side input) split the pool
+  into cells, each point in the cell of its nearest centroid. Each cell first finds its
+  points' top-k inside itself; a point's k-th distance there (or max_dist, if smaller)
+  then says which other cells can still hold a nearer point: only those whose boundary
+  with its own cell (the bisecting hyperplane of the two centroids) is nearer than that
+  distance, searched nearest boundary first, at most `num_probes` cells in all
+  (`knn_kernels.probe_cells`). With `num_probes` = the number of cells this is exact.
+  The recall of this against exact search is estimated on a fixed sample of query
+  points (`recall` output).
 
 The per-block math is in `cm_beam.clustering.knn_kernels` (pure numpy).
 """
@@ -139,43 +143,113 @@ def _exact_pair_candidates(kv, k, metric, max_dist):
     yield j, _edge_block(*to_i)
 
 
-def _ivf_assign(kv, centroids, num_probes):
+def _ivf_assign(kv, centroids):
+    """Shard block -> (cell, points) per IVF cell: each point belongs to the cell of its
+    nearest centroid (and to that one only)."""
     _, block = kv
     with _Timer("knn"):
         vecs = kk.prepared_vectors(block, np.float32)
-        probes = kk.nearest_centroids(vecs, centroids, num_probes)
-        part = probes.ravel()
-        rows = np.repeat(np.arange(len(vecs)), probes.shape[1])
-        order = np.argsort(part, kind="stable")
-        part, rows = part[order], rows[order]
-        bounds = np.flatnonzero(np.diff(part)) + 1
+        cells = kk.nearest_centroids(vecs, centroids, 1)[:, 0]
         out = []
-        for seg in np.split(np.arange(len(part)), bounds):
-            if len(seg) == 0:
-                continue
-            r = rows[seg]
-            out.append((int(part[seg[0]]), {"ids": block["ids"][r], "vecs": vecs[r]}))
+        for cell in unique_sorted(cells):
+            r = np.flatnonzero(cells == cell)
+            out.append((int(cell), {"ids": block["ids"][r], "vecs": vecs[r]}))
     return out
 
 
-def _ivf_partition_topk(kv, k, metric, max_dist, sample):
-    _, parts = kv
+def _sample_hits(ids, sample):
+    """(rows of `ids` that are recall-sample points, their positions in the sample),
+    matched by the shard-independent part of the ids."""
+    if sample is None or not len(sample["ids"]) or not len(ids):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    low = hash_part(ids)
+    pos = np.minimum(np.searchsorted(sample["ids"], low), len(sample["ids"]) - 1)
+    rows = np.flatnonzero(sample["ids"][pos] == low)
+    return rows, pos[rows]
+
+
+def _sample_lists(pos, nb, nd):
+    nb_low = np.where(nb >= 0, hash_part(nb), kk.PAD_ID)
+    return beam.pvalue.TaggedOutput("sample", (pos, nb_low, nd))
+
+
+def _ivf_cell_topk(kv, centroids, k, metric, max_dist, num_probes, sample):
+    """One IVF cell: its points' top-k among the cell's points (edges), then, from each
+    point's k-th distance there, the other cells it must search (`kk.probe_cells`):
+    (cell, ("query", rows)) to each, and (own cell, ("data", points)) for those searches.
+
+    The bound is the k-th distance within max_dist (a neighbour beyond max_dist is cut
+    anyway). Recall-sample points also get their uncut lists, and search the cells the
+    uncut k-th distance allows: their lists within max_dist are the same either way (a
+    cell past the cut bound holds nothing within it), and their extra searches add no
+    edges (`_ivf_probe_topk` drops what lies past a query's bound).
+    """
+    cell, parts = kv
     with _Timer("knn"):
+        parts = list(parts)
         ids = np.concatenate([p["ids"] for p in parts])
         vecs = np.concatenate([p["vecs"] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        ids, vecs = ids[order], vecs[order]
         nb, nd = kk.block_topk(vecs, ids, vecs, ids, k, metric, max_dist)
-        # Sample points (matched by the shard-independent part of their ids) also get
-        # their uncut lists, for the recall estimate.
-        if sample is not None and len(sample["ids"]):
-            low = hash_part(ids)
-            pos = np.searchsorted(sample["ids"], low)
-            pos_c = np.minimum(pos, len(sample["ids"]) - 1)
-            hit = sample["ids"][pos_c] == low
-            if hit.any():
-                snb, snd = kk.block_topk(vecs[hit], ids[hit], vecs, ids, k, metric)
-                nb_low = np.where(snb >= 0, hash_part(snb), kk.PAD_ID)
-                yield beam.pvalue.TaggedOutput("sample", (pos_c[hit], nb_low, snd))
+        bound = np.minimum(kk.kth_distance(nd), kk._distance_cut(metric, max_dist))
+        sq = kk.sq_norms(vecs).astype(np.float64)
+        radius = kk.euclidean_radius(bound, metric, sq)
+        hit, pos = _sample_hits(ids, sample)
+        if len(hit):
+            snb, snd = kk.block_topk(vecs[hit], ids[hit], vecs, ids, k, metric)
+            yield _sample_lists(pos, snb, snd)
+            radius[hit] = np.maximum(radius[hit], kk.euclidean_radius(kk.kth_distance(snd), metric, sq[hit]))
+        own = np.full(len(ids), cell, np.int64)
+        probes = kk.probe_cells(vecs, centroids, own, radius, num_probes)
+        sample_pos = np.full(len(ids), -1, np.int64)
+        sample_pos[hit] = pos
         src, dst, dist = kk.dense_to_edges(ids, nb, nd)
+    for item in _split_by_shard(src, dst, dist):
+        yield beam.pvalue.TaggedOutput("edges", item)
+    # Always: points of other cells may search this one even if none of its own search out.
+    yield cell, ("data", {"ids": ids, "vecs": vecs})
+    flat = probes.ravel()
+    rows = np.repeat(np.arange(len(ids)), probes.shape[1])
+    keep = flat >= 0
+    flat, rows = flat[keep], rows[keep]
+    order = np.argsort(flat, kind="stable")
+    flat, rows = flat[order], rows[order]
+    for seg in np.split(np.arange(len(flat)), np.flatnonzero(np.diff(flat)) + 1) if len(flat) else []:
+        r = rows[seg]
+        yield int(flat[seg[0]]), ("query", {"ids": ids[r], "vecs": vecs[r], "bound": bound[r],
+                                            "sample_pos": sample_pos[r]})
+
+
+def _ivf_probe_topk(kv, k, metric, max_dist):
+    """One IVF cell and the points of other cells that search it: each query's top-k
+    among the cell's points, kept up to the query's bound (its k-th distance in its own
+    cell: anything farther cannot enter its list), plus the sample's uncut lists."""
+    _, tagged = kv
+    data, queries = None, []
+    for tag, part in tagged:
+        if tag == "data":
+            data = part
+        else:
+            queries.append(part)
+    if data is None or not queries:
+        return
+    with _Timer("knn"):
+        q_ids = np.concatenate([q["ids"] for q in queries])
+        q_vecs = np.concatenate([q["vecs"] for q in queries])
+        q_bound = np.concatenate([q["bound"] for q in queries])
+        sample_pos = np.concatenate([q["sample_pos"] for q in queries])
+        nb, nd = kk.block_topk(q_vecs, q_ids, data["vecs"], data["ids"], k, metric, max_dist)
+        # The slack: the bound came from another distance matrix (last-bit differences).
+        slack = kk.prune_tolerance(metric, 1.0)
+        if metric == "sqeuclidean":
+            slack = slack + kk._sq_slack(kk.sq_norms(q_vecs), kk.sq_norms(data["vecs"]).max())
+        nb = np.where(nd <= (q_bound + slack)[:, None], nb, kk.PAD_ID)
+        src, dst, dist = kk.dense_to_edges(q_ids, nb, nd)
+        hit = np.flatnonzero(sample_pos >= 0)
+        if len(hit):
+            snb, snd = kk.block_topk(q_vecs[hit], q_ids[hit], data["vecs"], data["ids"], k, metric)
+            yield _sample_lists(sample_pos[hit], snb, snd)
     for item in _split_by_shard(src, dst, dist):
         yield item
 
@@ -260,16 +334,23 @@ class KnnGraph(beam.PTransform):
             )
             partial = (own.own, cross) | "FlattenPartial" >> beam.Flatten()
         else:
-            tagged = (
+            cells = (
                 points
-                | "AssignPartitions" >> beam.FlatMap(_ivf_assign, self._centroids, self._num_probes)
-                | "GroupPartitions" >> beam.GroupByKey()
-                | "PartitionTopk" >> beam.FlatMap(_ivf_partition_topk, k, metric, max_dist, self._sample)
-                .with_outputs("sample", main="edges")
+                | "AssignCells" >> beam.FlatMap(_ivf_assign, self._centroids)
+                | "GroupCells" >> beam.GroupByKey()
+                | "CellTopk" >> beam.FlatMap(_ivf_cell_topk, self._centroids, k, metric, max_dist,
+                                             self._num_probes, self._sample)
+                .with_outputs("edges", "sample", main="probes")
             )
-            partial = tagged.edges
+            probed = (
+                cells.probes
+                | "GroupProbes" >> beam.GroupByKey()
+                | "ProbeTopk" >> beam.FlatMap(_ivf_probe_topk, k, metric, max_dist).with_outputs("sample", main="edges")
+            )
+            partial = (cells.edges, probed.edges) | "FlattenPartial" >> beam.Flatten()
             if self._sample is not None:
-                approx = tagged.sample | "MergeSampleApprox" >> beam.CombineGlobally(_MergeSampleTopk(k))
+                approx = ((cells.sample, probed.sample) | "FlattenSample" >> beam.Flatten()
+                          | "MergeSampleApprox" >> beam.CombineGlobally(_MergeSampleTopk(k)))
                 exact = (
                     points
                     | "SampleExact" >> beam.FlatMap(_sample_exact_topk, self._sample, k, metric)
@@ -282,7 +363,8 @@ class KnnGraph(beam.PTransform):
         outputs["edges"] = (
             partial
             | "GroupBySourceShard" >> beam.GroupByKey()
-            # Exact mode computes every pair once; ivf partitions overlap (repeats).
-            | "MergeTopk" >> beam.Map(_merge_shard_edges, k, self._mode == "exact")
+            # Every (src, dst) pair is computed once: exact mode by shard pairs, ivf because
+            # each point belongs to one cell and a query searches a cell at most once.
+            | "MergeTopk" >> beam.Map(_merge_shard_edges, k, True)
         )
         return outputs

@@ -16,7 +16,10 @@ force on its own:
 * `topk_edges`: merges partial neighbour lists of the same points (from different
   block pairs or IVF partitions) into each point's top k, dropping repeats;
 * `kmeans` / `nearest_centroids`: a small deterministic k-means for the IVF
-  partitions and the spatial shards.
+  partitions and the spatial shards;
+* `euclidean_radius` / `boundary_distances` / `probe_cells`: which other IVF cells a
+  point must search: those whose boundary with its own cell is nearer than its k-th
+  distance found in its own cell (a cell beyond that cannot hold a closer point).
 
 Top-k lists are (ids int64 [n, k], dists float32 [n, k]) sorted by (distance, id),
 padded with id -1 and distance +inf when fewer than k neighbours exist.
@@ -295,6 +298,106 @@ def kmeans(x: np.ndarray, num_centroids: int, iterations: int = 10, seed: int = 
             far = np.argsort(-d, kind="stable")[: int((~nonempty).sum())]
             centroids[~nonempty] = x[far]
     return centroids
+
+
+def euclidean_radius(dist, metric: str, sq_norm) -> np.ndarray:
+    """The Euclidean distance between prepared vectors that a `metric` distance
+    `dist` (float32, as `pair_distances` computes it) stands for, rounded up for the
+    float32 error of `dist` (float64; inf stays inf).
+
+    cosine works on unit vectors, where |x - y|^2 = 2 (1 - x.y) = 2 dist; sqeuclidean
+    is |x - y|^2 itself, whose float32 error grows with the squared norms (`_sq_slack`),
+    and the other point's norm is at most |x| + |x - y|. `sq_norm` is |x|^2.
+    """
+    dist = np.maximum(np.asarray(dist, np.float64), 0.0)
+    if metric == "cosine":
+        sq = 2.0 * dist + 1e-5
+    elif metric == "sqeuclidean":
+        sq_norm = np.asarray(sq_norm, np.float64)
+        with np.errstate(invalid="ignore"):
+            other = (np.sqrt(sq_norm) + np.sqrt(dist)) ** 2
+        sq = dist + 1e-5 * (1.0 + sq_norm + other)
+    else:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return np.sqrt(sq)
+
+
+def boundary_distances(x: np.ndarray, centroids: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """[n, P] float64: the distance from each row of `x` to the hyperplane that bisects
+    its own centroid o = centroids[own[i]] and each centroid c,
+    (|x - c|^2 - |x - o|^2) / (2 |c - o|), positive on o's side; -inf in the own
+    column and for a centroid equal to o (no boundary: always searched).
+
+    Any point y nearer to c than to o lies beyond that hyperplane, so
+    |x - y| >= the distance: the cell of c cannot hold a point nearer to x than this.
+    (|x|^2 cancels in the difference; computed in float64.)
+    """
+    c = np.asarray(centroids, np.float64)
+    return _boundaries(np.asarray(x, np.float64), c, np.einsum("ij,ij->i", c, c), np.asarray(own, np.int64))[0]
+
+
+def _boundaries(x, c, c_sq, own):
+    """(`boundary_distances`, |c - o| [n, P]) in the dtype of `x`; the centroid gaps only
+    for the own cells present (a cell's rows share one: P d work, not P^2 d)."""
+    cells, inverse = np.unique(own, return_inverse=True)
+    c_sq = c_sq.astype(x.dtype)
+    c = c.astype(x.dtype)
+    gap = np.sqrt(np.maximum(c_sq[cells][:, None] + c_sq[None, :] - 2.0 * (c[cells] @ c.T), 0.0))
+    gap = gap[0][None, :] if len(cells) == 1 else gap[inverse]
+    d_c = c_sq[None, :] - 2.0 * (x @ c.T)  # |x - c|^2 - |x|^2
+    rows = np.arange(len(x))
+    num = d_c - d_c[rows, own][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(gap > 0, num / (2.0 * np.where(gap > 0, gap, 1.0)), -np.inf)
+    out[rows, own] = -np.inf
+    return out, gap
+
+
+def probe_cells(x: np.ndarray, centroids: np.ndarray, own: np.ndarray, radius: np.ndarray,
+                num_probes: int, chunk: int = 4096) -> np.ndarray:
+    """The other cells each row of `x` searches: [n, num_probes - 1] cell indices,
+    nearest boundary first, padded with -1.
+
+    A cell is searched only if its boundary with the row's own cell (`boundary_distances`)
+    is within `radius` (the Euclidean distance of the row's k-th neighbour found in its
+    own cell, `euclidean_radius`; inf searches the nearest boundaries regardless): a cell
+    beyond cannot hold a point nearer than the k-th, so with `num_probes` = the number of
+    cells the search is exact. The boundary is lowered by a float32 slack (the cells were
+    assigned in float32, so a point may sit slightly on the wrong side of a boundary):
+    the slack only adds cells, and covers the float32 arithmetic used here (relative
+    error ~1e-6 of the squared norms, against a slack of 1e-4 of them).
+    """
+    x = np.asarray(x, np.float32)
+    c = np.asarray(centroids, np.float64)
+    own = np.asarray(own, np.int64)
+    radius = np.asarray(radius, np.float64)
+    n, num_cells = len(x), len(c)
+    width = max(0, min(num_probes - 1, num_cells - 1))
+    out = np.full((n, width), PAD_ID, np.int64)
+    if n == 0 or width == 0:
+        return out
+    c_sq = np.einsum("ij,ij->i", c, c)
+    for start in range(0, n, chunk):
+        sl = slice(start, min(n, start + chunk))
+        o = own[sl]
+        h, g = _boundaries(x[sl], c, c_sq, o)
+        x_norm = np.sqrt(np.einsum("ij,ij->i", x[sl], x[sl], dtype=np.float64))
+        # Float32 assignment error of a point y on c's side: |y - c|^2 - |y - o|^2 may be
+        # up to ~1e-5 (|y|^2 + |c|^2 + |o|^2) (generously), with |y| <= |x| + radius.
+        r = radius[sl]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            row_err = (1e-4 * ((x_norm + np.where(np.isfinite(r), r, 0.0)) ** 2 + 1.0 + c_sq[o])).astype(np.float32)
+            err = row_err[:, None] + (1e-4 * c_sq).astype(np.float32)[None, :]
+            low = np.where(g > 0, h - err / (np.float32(2.0) * np.where(g > 0, g, np.float32(1.0))), np.float32(-np.inf))
+        low[np.arange(len(o)), o] = np.inf  # the own cell is searched anyway
+        part = np.argpartition(low, width - 1, axis=1)[:, :width]  # width < num_cells: never the own cell
+        part_low = np.take_along_axis(low, part, axis=1)
+        # Nearest boundary first, ties by cell index.
+        keys = np.lexsort((part, part_low), axis=1)
+        part = np.take_along_axis(part, keys, axis=1)
+        part_low = np.take_along_axis(part_low, keys, axis=1)
+        out[sl] = np.where(part_low <= r[:, None], part, PAD_ID)
+    return out
 
 
 def dense_to_edges(q_ids: np.ndarray, nb_ids: np.ndarray, nb_dists: np.ndarray):
