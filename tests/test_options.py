@@ -208,7 +208,7 @@ def _nightly_fails(argv, tmp_path, capsys):
     (["--margin_pool_size", "5"], "--margin_pool_size"),
     (["--margin_pool_factor", "0.5"], "--margin_pool_factor"),
     (["--strategy", "coreset"], "--strategy"),
-    (["--cluster_arg=--num_partitions=2", "--cluster_arg=--num_probes=3"], "--num_probes"),
+    (["--cluster_arg=--num_probes=0"], "--num_probes"),
     (["--cluster_arg=--knn_mode=lsh"], "--knn_mode"),
     (["--embed_arg=--fetch_threads=0"], "--fetch_threads"),
     (["--select_arg=--batch_sise=3"], "--batch_sise"),
