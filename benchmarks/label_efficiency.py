@@ -122,8 +122,8 @@ class ClusterMarginConfig:
     """How the `cluster_margin` strategy runs the product (benchmarks/cm_settings_study.py
     chose these defaults on the calibration pools)."""
 
-    margin_pool_factor: float = 10.0  # k_m / k_t
-    target_cluster_size: float = 10.0  # mean cluster size of the cut
+    margin_pool_factor: float = 1.25  # k_m / k_t (the study's choice; cm-select's default)
+    target_cluster_size: float = 30.0  # mean cluster size of the cut (the study's choice)
     recluster: bool = False  # re-cluster on every round's model instead of the seed model's only
     max_distance: float = 0.03  # first max eps of the hierarchy (doubled until the target is reachable)
     num_neighbors: int = 0  # 0: cm-cluster's default

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     sel = p.add_argument_group("selection (cm-select)")
     sel.add_argument("--batch_size", type=cm_runner.positive_int, help="k_t: examples in the batch.")
     pool = sel.add_mutually_exclusive_group()
-    pool.add_argument("--margin_pool_factor", type=cm_runner.positive_float, default=None, help="k_m = factor x k_t (cm-select default 10).")
+    pool.add_argument("--margin_pool_factor", type=cm_runner.positive_float, default=None, help="k_m = factor x k_t (cm-select default 1.25, from the settings study).")
     pool.add_argument("--margin_pool_size", type=cm_runner.positive_int, default=None, help="k_m: size of the margin pool.")
     sel.add_argument("--strategy", choices=STRATEGIES, default=None, help="Selection strategy (default cluster_margin).")
     sel.add_argument("--uncertainty", choices=UNCERTAINTIES, default=None, help="Score to rank by (default margin).")

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     pool = p.add_mutually_exclusive_group()
     pool.add_argument("--margin_pool_size", type=cm_runner.positive_int, help="k_m: size of the margin pool M.")
     pool.add_argument("--margin_pool_factor", type=cm_runner.positive_float, default=None,
-                      help="k_m = factor x k_t (default 10, the paper's recipe).")
+                      help="k_m = factor x k_t (default 1.25: the settings study's choice, docs/design.md).")
     p.add_argument("--strategy", choices=STRATEGIES, default="cluster_margin", help="Selection strategy.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the tie-breaks and the within-cluster picks.")
     p.add_argument("--demo", action="store_true",

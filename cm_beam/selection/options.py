@@ -20,8 +20,9 @@ from cm_beam.errors import InputError, check_choice, check_int, check_required
 from cm_beam.selection.uncertainty import MULTILABEL_REDUCES, UNCERTAINTIES
 
 STRATEGIES = ("cluster_margin", "margin", "random")
-# k_m = factor x k_t when neither is given: the paper's recipe.
-DEFAULT_MARGIN_POOL_FACTOR = 10.0
+# k_m = factor x k_t when neither is given: the setting benchmarks/cm_settings_study.py chose
+# on calibration pools (docs/design.md, "What the evidence says about the defaults").
+DEFAULT_MARGIN_POOL_FACTOR = 1.25
 
 
 def _bad(parameter: str, detail: str) -> InputError:
@@ -30,7 +31,7 @@ def _bad(parameter: str, detail: str) -> InputError:
 
 def margin_pool_size_for(batch_size: int, margin_pool_size: Optional[int] = None,
                          margin_pool_factor: Optional[float] = None, strategy: str = "cluster_margin") -> int:
-    """k_m for Cluster-Margin: `margin_pool_size`, else ceil(k_t x factor) (default 10);
+    """k_m for Cluster-Margin: `margin_pool_size`, else ceil(k_t x factor) (default 1.25);
     never below k_t (the batch is drawn from the margin pool). Plain Margin and
     Random have no clusters: their margin pool is the batch."""
     if margin_pool_size is None:
@@ -63,7 +64,7 @@ class SelectOptions:
     clusters: glob of Parquet files with example_id, cluster_id (required by cluster_margin).
     exclude: globs of Parquet/CSV files with example_id to leave out (labeled, queued).
     batch_size: k_t. margin_pool_size (k_m) or margin_pool_factor (k_m = factor x k_t,
-    default 10): the margin pool, at most one of the two.
+    default 1.25): the margin pool, at most one of the two.
     output_dir: where selection-*.parquet, rejected-*.parquet and manifest.json go;
     overwrite: replace its contents if it is not empty.
     """
