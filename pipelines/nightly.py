@@ -2,7 +2,7 @@
 
     cm-nightly --pool 'gs://b/pool/*.tfrecord' --model gs://b/models/today.keras \\
         --work_dir gs://b/cm-work --exclude 'gs://b/labeled/*.parquet' \\
-        --batch_size 100000 --margin_pool_factor 10 --distance_threshold 0.3 \\
+        --batch_size 100000 --distance_threshold 0.3 \\
         --runner DataflowRunner --project P --region R --temp_location gs://b/tmp
 
     cm-nightly --demo --work_dir demo_output/work     # everything generated locally

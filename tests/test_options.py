@@ -148,7 +148,7 @@ def test_select_options_are_frozen_and_revalidated_on_replace():
 
 
 def test_the_margin_pool_rule():
-    assert margin_pool_size_for(10) == 100
+    assert margin_pool_size_for(10) == 13  # ceil(10 x 1.25): the default factor
     assert margin_pool_size_for(10, margin_pool_factor=2.5) == 25
     assert margin_pool_size_for(10, margin_pool_size=10) == 10
     assert margin_pool_size_for(10, margin_pool_size=40, strategy="margin") == 10
