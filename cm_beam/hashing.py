@@ -19,7 +19,7 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 _MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, elementwise on a uint64 array (wrapping arithmetic)."""
     x = np.asarray(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -31,7 +31,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _seed_word(seed: int, salt: int) -> np.uint64:
-    return _splitmix64(np.array([(int(seed) * 0x2545F4914F6CDD1D + salt) & _MASK64], dtype=np.uint64))[0]
+    return splitmix64(np.array([(int(seed) * 0x2545F4914F6CDD1D + salt) & _MASK64], dtype=np.uint64))[0]
 
 
 def id_hash(ids) -> np.ndarray:
@@ -75,12 +75,12 @@ def id_hash(ids) -> np.ndarray:
                 k = int(active[pos])
                 hc[:k] = (hc[:k] ^ block[:k, pos]) * _FNV_PRIME
             h[order] = hc
-    return _splitmix64(h ^ lengths.astype(np.uint64))
+    return splitmix64(h ^ lengths.astype(np.uint64))
 
 
 def derive(base: np.ndarray, seed: int = 0, salt: int = 0) -> np.ndarray:
     """A seeded hash from an `id_hash`: independent streams for each (seed, salt)."""
-    return _splitmix64(np.asarray(base, dtype=np.uint64) ^ _seed_word(seed, salt))
+    return splitmix64(np.asarray(base, dtype=np.uint64) ^ _seed_word(seed, salt))
 
 
 def hash_ids(ids, seed: int = 0, salt: int = 0) -> np.ndarray:

@@ -53,8 +53,9 @@ from cm_beam.errors import InputError
 from cm_beam.clustering.hac import HacRounds
 from cm_beam.clustering.hierarchy import CUT_CLUSTERS_SCHEMA, MERGES_SCHEMA, CutHierarchy, merges_to_batch  # noqa: F401
 from cm_beam.clustering.state import STATE_SCHEMA, state_batch  # noqa: F401
-from cm_beam.hashing import _splitmix64, hash_ids
-from cm_beam.clustering.knn_graph import KnnGraph, _Timer
+from cm_beam.hashing import splitmix64, hash_ids
+from cm_beam.clustering.knn_graph import KnnGraph
+from cm_beam.runtime.stage_timer import StageTimer
 
 # leaf_id: the example's singleton cluster id, which names it in merges-*.parquet.
 CLUSTERS_SCHEMA = CUT_CLUSTERS_SCHEMA
@@ -108,14 +109,14 @@ def fingerprint_rows(ids: pa.Array, vecs: np.ndarray, present: np.ndarray) -> in
     h = hash_ids(ids, seed=0, salt=_SALT_FINGERPRINT)
     if vecs.shape[0]:
         bits = np.ascontiguousarray(vecs, np.float32).view(np.uint32).astype(np.uint64)
-        mult = _splitmix64(np.arange(bits.shape[1], dtype=np.uint64)) | np.uint64(1)
+        mult = splitmix64(np.arange(bits.shape[1], dtype=np.uint64)) | np.uint64(1)
         with np.errstate(over="ignore"):
             rows = (bits * mult[None, :]).sum(axis=1, dtype=np.uint64)
         emb_hash = np.zeros(len(h), np.uint64)
-        emb_hash[present] = _splitmix64(rows)
-        h = _splitmix64(h ^ emb_hash)
+        emb_hash[present] = splitmix64(rows)
+        h = splitmix64(h ^ emb_hash)
     else:
-        h = _splitmix64(h)
+        h = splitmix64(h)
     return int(h.sum(dtype=np.uint64))
 
 
@@ -126,7 +127,7 @@ class _Validate(beam.DoFn):
         self._metric = metric
 
     def process(self, batch: pa.RecordBatch):
-        with _Timer("validate"):
+        with StageTimer("validate"):
             ids, emb, present, lengths = _embedding_matrix(batch)
             reasons = np.full(len(ids), None, object)
             reasons[~emb.is_null().to_numpy(zero_copy_only=False) & (lengths == 0)] = "empty_embedding"
@@ -291,7 +292,7 @@ def _shard_points(block, plan, metric):
     """Valid block -> (shard, points) and (shard, names) pieces, plus a dup-check piece."""
     if not len(block["hashes"]):
         return
-    with _Timer("shard_points"):
+    with StageTimer("shard_points"):
         vecs = _prepare_vectors(block["vecs"], metric, plan["mean"])
         # Per row, so identical vectors share a shard (MergePoints folds them there).
         shards = dk.nearest_centroid_per_row(vecs.astype(np.float32), plan["shard_centroids"])
@@ -334,7 +335,7 @@ def _merge_points(kv, plan, metric):
     labels = np.concatenate([b["labels"] for b in blocks])[order]
     vecs = np.concatenate([b["vecs"] for b in blocks])[order]
     block = {"ids": ids, "labels": labels, "vecs": vecs, "normalise": metric == "cosine", "center": plan["mean"]}
-    with _Timer("fold_duplicates"):
+    with StageTimer("fold_duplicates"):
         rep = dk.duplicate_groups(dk.row_bits(kk.prepared_vectors(block, np.float32)), ids)
         reps, counts = dk.fold_counts(rep)
         folded = np.flatnonzero(rep != np.arange(len(ids)))
@@ -372,7 +373,7 @@ def _join_names(kv):
         (names if tag == "names" else assigned).append(value)
     if not names:
         return
-    with _Timer("write"):
+    with StageTimer("write"):
         ids = np.concatenate([n["ids"] for n in names])
         example_ids = pa.concat_arrays([n["names"] for n in names])
         leaves = np.concatenate([n["leaves"] for n in names])

@@ -27,7 +27,7 @@ from typing import Callable, Tuple
 import numpy as np
 
 from cm_beam.clustering import hierarchy_kernels as hik
-from cm_beam.hashing import _splitmix64
+from cm_beam.hashing import splitmix64
 
 # Rows hashed per chunk (chunk x d uint64 temporaries).
 _HASH_CHUNK = 1 << 14
@@ -48,11 +48,11 @@ def row_hashes(bits: np.ndarray) -> np.ndarray:
     bits = np.asarray(bits, np.uint32)
     n, d = bits.shape
     out = np.empty(n, np.uint64)
-    mult = _splitmix64(np.arange(d, dtype=np.uint64)) | np.uint64(1)
+    mult = splitmix64(np.arange(d, dtype=np.uint64)) | np.uint64(1)
     with np.errstate(over="ignore"):
         for lo in range(0, n, _HASH_CHUNK):
             words = bits[lo:lo + _HASH_CHUNK].astype(np.uint64) * mult[None, :]
-            out[lo:lo + _HASH_CHUNK] = _splitmix64(words.sum(axis=1, dtype=np.uint64))
+            out[lo:lo + _HASH_CHUNK] = splitmix64(words.sum(axis=1, dtype=np.uint64))
     return out
 
 

@@ -49,7 +49,8 @@ from cm_beam.clustering.build_clusters import CLUSTERS_SCHEMA, _SALT_ID, _Valida
 from cm_beam.clustering.hac import HacRounds
 from cm_beam.clustering.hac_kernels import Clusters
 from cm_beam.clustering.hierarchy import merges_to_batch
-from cm_beam.clustering.knn_graph import KnnGraph, _Timer
+from cm_beam.clustering.knn_graph import KnnGraph
+from cm_beam.runtime.stage_timer import StageTimer
 from cm_beam.clustering.state import batch_state, state_batch
 from cm_beam.errors import InputError
 from cm_beam.hashing import hash_ids
@@ -101,7 +102,7 @@ def _match(kv, num_shards, metric, center, dimension):
     _, items = kv
     pool = [v for t, v in items if t == "pool"]
     old = [v for t, v in items if t == "old"]
-    with _Timer("extend_match"):
+    with StageTimer("extend_match"):
         if pool:
             p_hash = np.concatenate([p["hashes"] for p in pool])
             p_names = pa.concat_arrays([p["names"] for p in pool])
@@ -247,7 +248,7 @@ def _recompute(kv, metric, center, num_shards):
     cluster = np.concatenate([p[0] for p in parts])
     hashes = np.concatenate([p[1] for p in parts])
     x = _prepared(np.concatenate([p[2] for p in parts]), metric, center)
-    with _Timer("extend_state"):
+    with StageTimer("extend_state"):
         labels, counts, sums, sq = ek.group_state(cluster, hashes, x, metric)
     return Clusters(ek.node_ids(labels, num_shards), counts, sums, sq, labels)
 
@@ -282,7 +283,7 @@ def _index_nodes(nodes, metric, num_probes):
     of them when there are many (extend_kernels.PARTITION_MIN_CLUSTERS)."""
     if nodes is None or len(nodes) <= ek.PARTITION_MIN_CLUSTERS:
         return {"nodes": nodes, "partitions": None, "num_probes": num_probes}
-    with _Timer("extend_candidates"):
+    with StageTimer("extend_candidates"):
         parts = ek.partition_clusters(nodes, metric, max(1, len(nodes) // ek.CLUSTERS_PER_PARTITION))
     return {"nodes": nodes, "partitions": parts, "num_probes": num_probes}
 
@@ -292,7 +293,7 @@ def _cluster_edges(kv, index, k, metric, eps):
     nodes = index["nodes"]
     if nodes is None or not len(nodes) or not len(block["ids"]):
         return
-    with _Timer("extend_candidates"):
+    with StageTimer("extend_candidates"):
         x = _prepared(block["vecs"], metric, block["center"])
         if index["partitions"] is None:
             src, dst = ek.cluster_candidates(x, block["ids"], nodes, k, metric, eps)
@@ -322,7 +323,7 @@ def _split_nodes(c: Clusters, touched):
 def _table(_, assignments, untouched_changed, touched):
     """{node ids sorted, final labels, sizes} of every node whose label or size may have
     changed, and the extension's counts."""
-    with _Timer("extend_relabel"):
+    with StageTimer("extend_relabel"):
         ids = [a["points"] for a in assignments]
         labels = [a["labels"] for a in assignments]
         sizes = [a["sizes"] for a in assignments]
@@ -347,7 +348,7 @@ def _table(_, assignments, untouched_changed, touched):
 
 
 def _relabel_rows(block, table, num_shards):
-    with _Timer("extend_relabel"):
+    with StageTimer("extend_relabel"):
         node = ek.node_ids(block["key"], num_shards)
         pos = hk.lookup(table["ids"], node)
         hit = pos >= 0

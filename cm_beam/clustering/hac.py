@@ -48,7 +48,7 @@ from cm_beam.clustering import hierarchy_kernels as hik
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.clustering.hac_kernels import Clusters, lookup, shard_of
-from cm_beam.clustering.knn_graph import _Timer  # one stage timer for every cm-cluster stage
+from cm_beam.runtime.stage_timer import StageTimer
 
 _EMPTY = np.zeros(0, np.int64)
 
@@ -197,7 +197,7 @@ def _nearest(kv, eps, metric, round_index, tie_scale):
             ghosts.append(value)
     if st is None:
         return
-    with _Timer("hac_rounds"):
+    with StageTimer("hac_rounds"):
         c, src, dst = st["clusters"], st["src"], st["dst"]
         d = c.sums.shape[1]
         table = Clusters.concat([c] + ghosts, d) if ghosts else c
@@ -248,7 +248,7 @@ def _match(kv, round_index):
             choosers.append(value[0]); targets.append(value[1])
     if st is None:
         return
-    with _Timer("hac_rounds"):
+    with StageTimer("hac_rounds"):
         c, nn = st["clusters"], st["nn"]
         local = shard_of(nn) == shard
         ch = np.concatenate(choosers + [c.ids[local]])
@@ -301,7 +301,7 @@ def _relabel(kv, round_index):
             olds.append(value[0]); news.append(value[1])
     if st is None:
         return
-    with _Timer("hac_rounds"):
+    with StageTimer("hac_rounds"):
         c = st["clusters"]
         owner, points = st["members"]
         owners, pts = [owner], [points]
@@ -361,7 +361,7 @@ def _collect(kv, directed_bound, max_inmemory_edges, force_finish, next_round):
             srcs.append(value[0]); dsts.append(value[1])
     if st is None:
         return []
-    with _Timer("hac_rounds"):
+    with StageTimer("hac_rounds"):
         src, dst = _directed_unique(np.concatenate([st["src"]] + srcs), np.concatenate([st["dst"]] + dsts))
     return _route(shard, _state(st["clusters"], st["members"], src, dst), directed_bound, max_inmemory_edges,
                   force_finish, next_round)
@@ -374,7 +374,7 @@ def _finish(kv, eps, metric, max_inmemory_edges, max_rounds, tie_scale):
     states = list(states)
     if not states:
         return
-    with _Timer("hac_finish"):
+    with StageTimer("hac_finish"):
         d = states[0]["clusters"].sums.shape[1]
         clusters = Clusters.concat([s["clusters"] for s in states], d)
         owner = np.concatenate([s["members"][0] for s in states])

@@ -39,7 +39,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from cm_beam.array_ops import unique_sorted
-from cm_beam.hashing import _splitmix64
+from cm_beam.hashing import splitmix64
 
 METRICS = ("cosine", "sqeuclidean")
 # Edges per chunk when gathering sum vectors (chunk x d float64 per side).
@@ -175,8 +175,8 @@ def pair_priority(a: np.ndarray, b: np.ndarray, round_index: int = 0) -> np.ndar
     """
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     lo, hi = np.minimum(a, b).astype(np.uint64), np.maximum(a, b).astype(np.uint64)
-    salt = _splitmix64(np.array([round_index], np.uint64))[0]
-    return _splitmix64(_splitmix64(lo ^ salt) ^ hi)
+    salt = splitmix64(np.array([round_index], np.uint64))[0]
+    return splitmix64(splitmix64(lo ^ salt) ^ hi)
 
 
 def nearest_candidates(src: np.ndarray, dst: np.ndarray, link: np.ndarray, round_index: int = 0,

@@ -31,33 +31,17 @@ The per-block math is in `cm_beam.clustering.knn_kernels` (pure numpy).
 
 from __future__ import annotations
 
-import time
 from typing import Dict, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.metrics import Metrics
 
 from cm_beam.clustering import knn_kernels as kk
 from cm_beam.array_ops import unique_sorted
 from cm_beam.clustering.hac_kernels import hash_part, shard_of
+from cm_beam.runtime.stage_timer import StageTimer
 
 MODES = ("exact", "ivf")
-
-
-class _Timer:
-    """Adds the wall time spent in a block to a Beam counter (milliseconds)."""
-
-    def __init__(self, name: str):
-        self._counter = Metrics.counter("cm_cluster", f"ms_{name}")
-
-    def __enter__(self):
-        self._t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self._counter.inc(int(1000 * (time.perf_counter() - self._t)))
-        return False
 
 
 def _edge_block(src, dst, dist) -> Dict[str, np.ndarray]:
@@ -119,7 +103,7 @@ def _exact_own_topk(kv, k, metric, max_dist, num_shards):
     the bound is tight and few pairs from other shards survive it."""
     shard, block = int(kv[0]), kv[1]
     prep = kk.prepared_vectors(block, np.float32)
-    with _Timer("knn"):
+    with StageTimer("knn"):
         nb, nd = kk.block_topk(prep, block["ids"], prep, block["ids"], k, metric, max_dist)
         src, dst, dist = kk.dense_to_edges(block["ids"], nb, nd)
     yield beam.pvalue.TaggedOutput("own", (shard, _edge_block(src, dst, dist)))
@@ -136,7 +120,7 @@ def _exact_pair_candidates(kv, k, metric, max_dist):
     if len(parts) < 2:
         return  # the other shard is empty
     (i, a), (j, b) = sorted(parts.items())
-    with _Timer("knn"):
+    with StageTimer("knn"):
         to_j, to_i = kk.pair_candidates(a["prep"], a["ids"], a["bound"], b["prep"], b["ids"], b["bound"],
                                         k, metric, max_dist)
     yield i, _edge_block(*to_j)
@@ -147,7 +131,7 @@ def _ivf_assign(kv, centroids):
     """Shard block -> (cell, points) per IVF cell: each point belongs to the cell of its
     nearest centroid (and to that one only)."""
     _, block = kv
-    with _Timer("knn"):
+    with StageTimer("knn"):
         vecs = kk.prepared_vectors(block, np.float32)
         cells = kk.nearest_centroids(vecs, centroids, 1)[:, 0]
         out = []
@@ -185,7 +169,7 @@ def _ivf_cell_topk(kv, centroids, k, metric, max_dist, num_probes, sample):
     edges (`_ivf_probe_topk` drops what lies past a query's bound).
     """
     cell, parts = kv
-    with _Timer("knn"):
+    with StageTimer("knn"):
         parts = list(parts)
         ids = np.concatenate([p["ids"] for p in parts])
         vecs = np.concatenate([p["vecs"] for p in parts])
@@ -234,7 +218,7 @@ def _ivf_probe_topk(kv, k, metric, max_dist):
             queries.append(part)
     if data is None or not queries:
         return
-    with _Timer("knn"):
+    with StageTimer("knn"):
         q_ids = np.concatenate([q["ids"] for q in queries])
         q_vecs = np.concatenate([q["vecs"] for q in queries])
         q_bound = np.concatenate([q["bound"] for q in queries])
@@ -256,7 +240,7 @@ def _ivf_probe_topk(kv, k, metric, max_dist):
 
 def _merge_shard_edges(kv, k, distinct):
     shard, parts = kv
-    with _Timer("knn"):
+    with StageTimer("knn"):
         parts = list(parts)
         src = np.concatenate([p["src"] for p in parts])
         dst = np.concatenate([p["dst"] for p in parts])
@@ -269,7 +253,7 @@ def _sample_exact_topk(kv, sample, k, metric):
     _, block = kv
     if sample is None or not len(sample["ids"]):
         return
-    with _Timer("knn_recall"):
+    with StageTimer("knn_recall"):
         nb, nd = kk.block_topk(sample["vecs"].astype(np.float32), sample["ids"],
                                kk.prepared_vectors(block, np.float32), hash_part(block["ids"]), k, metric)
     yield np.arange(len(sample["ids"])), nb, nd
