@@ -39,6 +39,7 @@ from cm_beam.io import table_io  # noqa: E402
 from cm_beam.selection.select_batch import ROWS_PER_SELECT_BUCKET, MAX_BUCKETS  # noqa: E402
 from cm_beam.testing.synthetic_pool import make_pool, write_sharded  # noqa: E402
 from cm_beam.selection.stage import ROWS_PER_JOIN_BUCKET  # noqa: E402
+from cm_beam.testing import reference_kernels
 
 
 def _batch_of(element):
@@ -91,7 +92,7 @@ def profile(n, k_m, num_clusters, workdir):
     eligible = [o for item in groups.items() for o in join.process(item) if not hasattr(o, "tag")]
     stages.append(_measure("join -> eligible", eligible))
     keys = [impl.keys_of(b) for b in eligible]
-    state = sk.kth_smallest_in_memory(np.concatenate(keys), k_m)
+    state = reference_kernels.kth_smallest_in_memory(np.concatenate(keys), k_m)
     mask_pool = [b.filter(impl.keys_of(b) <= np.uint64(state.prefix)) for b in eligible]
     stages.append(_measure("margin pool (<= threshold)", mask_pool))
     nb = int(min(MAX_BUCKETS, max(1, -(-k_m // ROWS_PER_SELECT_BUCKET))))

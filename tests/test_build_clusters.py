@@ -20,6 +20,7 @@ from cm_beam.clustering import knn_kernels as kk
 from cm_beam.clustering.build_clusters import CLUSTERS_SCHEMA, BuildClusters
 from cm_beam.errors import InputError
 from cm_beam.clustering.knn_graph import KnnGraph
+from cm_beam.testing import reference_kernels
 from pipelines import build_clusters
 from tests.conftest import DATAFLOW_DRY_RUN, beam_args, gaussian_blobs, write_embeddings
 from tests.test_hac_kernels import gap_thresholds, same_partition
@@ -157,7 +158,7 @@ def test_ivf_recall_against_exact(tmp_path):
     result = {name: pickle.load(open(str(tmp_path / f"{name}.pkl"), "rb")) for name in ("edges", "recall")}
     src = np.concatenate([e[1]["src"] for e in result["edges"]])
     dst = np.concatenate([e[1]["dst"] for e in result["edges"]])
-    exact_ids, _ = kk.brute_force_topk(x, ids, k, "cosine")
+    exact_ids, _ = reference_kernels.brute_force_topk(x, ids, k, "cosine")
     hits = 0
     for row in range(n):
         hits += len(np.intersect1d(dst[src == ids[row]], exact_ids[row]))

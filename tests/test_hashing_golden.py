@@ -38,7 +38,7 @@ GOLDEN_SINGLETON_CLUSTER_IDS = [4596146014258002717, 3868834136524815688, 321069
 M64 = (1 << 64) - 1
 
 
-def _splitmix64(x: int) -> int:
+def splitmix64(x: int) -> int:
     x = (x + 0x9E3779B97F4A7C15) & M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
@@ -50,12 +50,12 @@ def _plain_id_hash(s: str) -> int:
     h = 0xCBF29CE484222325
     for byte in data:
         h = ((h ^ byte) * 0x100000001B3) & M64
-    return _splitmix64(h ^ len(data))
+    return splitmix64(h ^ len(data))
 
 
 def _plain_seeded(s: str, seed: int, salt: int) -> int:
-    word = _splitmix64((seed * 0x2545F4914F6CDD1D + salt) & M64)
-    return _splitmix64(_plain_id_hash(s) ^ word)
+    word = splitmix64((seed * 0x2545F4914F6CDD1D + salt) & M64)
+    return splitmix64(_plain_id_hash(s) ^ word)
 
 
 def test_salts_used_by_the_pipelines_are_the_golden_ones():

@@ -264,28 +264,6 @@ class RoundStats:
     merges: int
 
 
-def rnn_round(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, metric: str, round_index: int = 0,
-              tie_scale: float = 1.0):
-    """One RNN round over the whole (in-memory) state.
-
-    Returns (clusters after merging, edges u, v after relabelling, winners, losers, stats).
-    Clusters with no candidate within eps are left in `clusters` untouched (they
-    have no edges any more, so later rounds never see them).
-    """
-    n_edges = len(u)
-    iu = lookup(clusters.ids, u)
-    iv = lookup(clusters.ids, v)
-    link = edge_linkage(clusters, iu, clusters, iv, metric)
-    keep = link <= eps
-    u, v, link = u[keep], v[keep], link[keep]
-    src, nn, _ = nearest_candidates(np.concatenate([u, v]), np.concatenate([v, u]), np.concatenate([link, link]), round_index, tie_scale)
-    winners, losers = reciprocal_pairs(src, nn)
-    clusters = merge_clusters(clusters, winners, losers)
-    order = np.argsort(losers, kind="stable")
-    u, v = relabel_edges(u, v, losers[order], winners[order])
-    return clusters, u, v, winners, losers, RoundStats(n_edges, len(src), len(winners))
-
-
 class TooManyEdges(ValueError):
     """More distinct candidate edges than the in-memory finish may hold."""
 
@@ -317,7 +295,7 @@ def hac_in_memory(clusters: Clusters, u: np.ndarray, v: np.ndarray, eps: float, 
                   first_round: int = 0, tie_scale: float = 1.0):
     """Runs RNN rounds until no candidate edge within eps is left.
 
-    The same round semantics as `rnn_round` (and the Beam rounds): exact linkage in
+    The same round semantics as the Beam rounds (and `testing.reference_kernels.rnn_round`): exact linkage in
     the canonical orientation (smaller id first), cut at eps, nearest candidate by
     (`tie_keys`, `pair_priority`, id), reciprocal pairs merge into the smaller id;
     `first_round` numbers this call's first round (it salts `pair_priority`, so a finish

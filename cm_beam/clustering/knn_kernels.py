@@ -249,11 +249,6 @@ def _topk_columns(d: np.ndarray, x_ids: np.ndarray, k: int) -> Tuple[np.ndarray,
     return ids.astype(np.int64, copy=False), dist.astype(np.float32, copy=False)
 
 
-def brute_force_topk(x: np.ndarray, ids: np.ndarray, k: int, metric: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Reference: every point's k nearest others, from the full distance matrix."""
-    return block_topk(x, ids, x, ids, k, metric, chunk=max(1, x.shape[0]))
-
-
 def nearest_centroids(x: np.ndarray, centroids: np.ndarray, num: int, chunk: int = 8192) -> np.ndarray:
     """Indices [n, num] of each row's `num` nearest centroids (squared Euclidean), nearest first."""
     x = np.asarray(x, np.float32)

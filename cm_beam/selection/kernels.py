@@ -150,14 +150,6 @@ def prune_digit(first_digit_hist, k: int):
     return None if state.exhausted else state.prefix
 
 
-def kth_smallest_in_memory(keys: np.ndarray, k: int) -> RadixState:
-    """The whole radix selection on one array: for tests and small inputs."""
-    state = RadixState(k=k)
-    while not state.done:
-        state = radix_step(radix_histogram(keys, state), state)
-    return state
-
-
 # ---------------------------------------------------------------------------
 # Cluster-size histogram: P(r), C_le(r), C_lt(s)
 # ---------------------------------------------------------------------------
