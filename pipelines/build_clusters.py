@@ -125,6 +125,29 @@ def _stage_seconds(result) -> Dict[str, float]:
     return out
 
 
+# The files of a clustering (cm-cluster, its --extend), each `<name>-*.parquet`.
+OUTPUTS = {name: f"{name}-*.parquet" for name in ("clusters", "rejected", "merges", "state")}
+
+
+def write_clustering(out, output_dir: str) -> None:
+    """Writes the clusters, rejected rows, merges and cluster state of a BuildClusters
+    (or ExtendClusters) output under `output_dir`."""
+    schemas = {"clusters": cl.CLUSTERS_SCHEMA, "rejected": cl.REJECTED_SCHEMA, "merges": cl.MERGES_SCHEMA,
+               "state": cl.STATE_SCHEMA}
+    for name, schema in schemas.items():
+        out[name] | f"Write{name.capitalize()}" >> table_io.WriteTableBlocks(artifacts.join(output_dir, name), schema)
+
+
+def manifest_timings(result, pipeline_seconds: float, start: float) -> Dict:
+    """The manifest's `timings`: the Beam job, the whole command, and each stage's DoFns."""
+    return {
+        "pipeline_seconds": round(pipeline_seconds, 3),
+        "wall_seconds": round(time.time() - start, 3),
+        "stage_seconds": _stage_seconds(result),
+        "stage_seconds_note": "time inside each stage's DoFns, summed over workers",
+    }
+
+
 # Errors raised inside the pipeline that name a flag; workers in other processes wrap them.
 _FLAG_ERROR = re.compile(r"InputError: ((?:--embeddings|--target_mean_cluster_size|--num_clusters|--distance_threshold)"
                          r"[: ].*?)(?: \[while running|\n|$)")
@@ -176,14 +199,7 @@ def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = N
     pipeline = beam.Pipeline(options=cm_runner.as_pipeline_options(beam_args)[0])
     batches = pipeline | "ReadEmbeddings" >> table_io.ReadTableBlocks(files, ["example_id", "embedding"], BLOCK_ROWS)
     out = batches | "BuildClusters" >> transform
-    out["clusters"] | "WriteClusters" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "clusters"), cl.CLUSTERS_SCHEMA)
-    out["rejected"] | "WriteRejected" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
-    out["merges"] | "WriteMerges" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
-    out["state"] | "WriteState" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "state"), cl.STATE_SCHEMA)
+    write_clustering(out, args.output_dir)
     out["summary"] | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
     rows = sum(f.num_rows for f in files)
     _LOG.info("cm-cluster: %d rows in %d files, eps %s (%s)", rows, len(files), transform.params["max_distance"],
@@ -214,14 +230,8 @@ def run_cluster(options: ClusterOptions, beam_options: cm_runner.BeamOptions = N
                    "clusters": summary["clusters"], "singletons": singletons},
         **summary,
         "input_fingerprint": fingerprint,
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet",
-                    "state": "state-*.parquet"},
-        "timings": {
-            "pipeline_seconds": round(pipeline_seconds, 3),
-            "wall_seconds": round(time.time() - start, 3),
-            "stage_seconds": _stage_seconds(result),
-            "stage_seconds_note": "time inside each stage's DoFns, summed over workers",
-        },
+        "outputs": OUTPUTS,
+        "timings": manifest_timings(result, pipeline_seconds, start),
     }
     artifacts.write_manifest(args.output_dir, manifest)
     return manifest
@@ -305,13 +315,8 @@ def _recut(args, beam_args, start) -> Dict:
         "hierarchy": {"merges": summary["hierarchy_merges"], "clusters_at_max_distance":
                       src.get("hierarchy", {}).get("clusters_at_max_distance"), "inversions": summary["inversions"]},
         "input_fingerprint": src.get("input_fingerprint"),
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet"},
-        "timings": {
-            "pipeline_seconds": round(pipeline_seconds, 3),
-            "wall_seconds": round(time.time() - start, 3),
-            "stage_seconds": _stage_seconds(result),
-            "stage_seconds_note": "time inside each stage's DoFns, summed over workers",
-        },
+        "outputs": {k: v for k, v in OUTPUTS.items() if k != "state"},  # a re-cut keeps no cluster state
+        "timings": manifest_timings(result, pipeline_seconds, start),
     }
     artifacts.write_manifest(args.output_dir, manifest)
     return manifest

@@ -13,7 +13,6 @@ their ids (cm_beam/clustering/extend.py; docs/design.md, "Growing pools").
 
 from __future__ import annotations
 
-import time
 from typing import Dict
 
 import apache_beam as beam
@@ -48,7 +47,8 @@ def check_source(source: str) -> Dict:
 
 
 def run_extend(args, beam_args, start) -> Dict:
-    from pipelines.build_clusters import BLOCK_ROWS, SUMMARY_NAME, _WriteSummaryFn, _stage_seconds, _unwrap_input_error
+    from pipelines.build_clusters import (BLOCK_ROWS, OUTPUTS, SUMMARY_NAME, _WriteSummaryFn, _unwrap_input_error,
+                                          manifest_timings, write_clustering)
 
     source = args.extend
     for name in _NOT_WITH_EXTEND:
@@ -92,13 +92,7 @@ def run_extend(args, beam_args, start) -> Dict:
         "old_merges": pipeline | "ReadOldMerges" >> table_io.ReadTableBlocks(merges_files, list(cl.MERGES_SCHEMA.names),
                                                                             BLOCK_ROWS),
     } | "ExtendClusters" >> transform
-    out["clusters"] | "WriteClusters" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "clusters"), cl.CLUSTERS_SCHEMA)
-    out["rejected"] | "WriteRejected" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "rejected"), cl.REJECTED_SCHEMA)
-    out["merges"] | "WriteMerges" >> table_io.WriteTableBlocks(
-        artifacts.join(args.output_dir, "merges"), cl.MERGES_SCHEMA)
-    out["state"] | "WriteState" >> table_io.WriteTableBlocks(artifacts.join(args.output_dir, "state"), STATE_SCHEMA)
+    write_clustering(out, args.output_dir)
     out["summary"] | "Jsonable" >> beam.Map(_jsonable) | "WriteSummary" >> beam.ParDo(_WriteSummaryFn(summary_path))
     try:
         pipeline_seconds, result = cm_runner.run_pipeline(pipeline, "cm-cluster", return_result=True)
@@ -154,14 +148,8 @@ def run_extend(args, beam_args, start) -> Dict:
         "input_fingerprint": {"digest": s["input_fingerprint"], "method": cl.FINGERPRINT_METHOD,
                               "rows": int(s["input_rows"])},
         "state_center": center,
-        "outputs": {"clusters": "clusters-*.parquet", "rejected": "rejected-*.parquet", "merges": "merges-*.parquet",
-                    "state": "state-*.parquet"},
-        "timings": {
-            "pipeline_seconds": round(pipeline_seconds, 3),
-            "wall_seconds": round(time.time() - start, 3),
-            "stage_seconds": _stage_seconds(result),
-            "stage_seconds_note": "time inside each stage's DoFns, summed over workers",
-        },
+        "outputs": OUTPUTS,
+        "timings": manifest_timings(result, pipeline_seconds, start),
     }
     artifacts.write_manifest(args.output_dir, manifest)
     return manifest
